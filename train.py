@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not cfg.logging.images:
         task.images = lambda step: {}
     try:
-        metrics = train(task, optimizer, cfg, logger, progress_keys=("l1",))
+        metrics = train(task, optimizer, cfg, logger)
     finally:
         logger.close()
     shown = (

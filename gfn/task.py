@@ -71,6 +71,7 @@ class GFlowNetTask:
     loss, and exact evaluation where the environment can be enumerated."""
 
     items_name = "trajectories"
+    progress_keys = ("l1",)
 
     def __init__(self, cfg: DictConfig) -> None:
         tc = cfg.task

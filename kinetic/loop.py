@@ -18,7 +18,13 @@ from kinetic.schedule import build_schedule
 
 
 class Task(Protocol):
-    """What the loop needs from a task (GFlowNet, DDPM, ...)."""
+    """What the loop needs from a task (GFlowNet, DDPM, ...).
+
+    Optional hooks, used when a task defines them: `after_step(step)` runs after every optimizer
+    step (e.g. an EMA of the weights); `lr_schedule(optimizer)` returns the task's own LR
+    scheduler in place of `cfg.train.lr_schedule`; `progress_keys` names the evaluation metrics
+    shown beside the progress bar.
+    """
 
     model: torch.nn.Module
     items_per_step: int  # trajectories or images consumed by one step, for throughput
@@ -58,7 +64,6 @@ def train(
     optimizer: torch.optim.Optimizer,
     cfg: DictConfig,
     logger: RunLogger,
-    progress_keys: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """Run `cfg.train.steps` optimisation steps; returns the final metrics (also in metrics.json).
 
@@ -67,7 +72,12 @@ def train(
     written at the end.
     """
     tc = cfg.train
-    schedule = build_schedule(optimizer, tc.lr_schedule, tc.warmup_steps, tc.steps)
+    if hasattr(task, "lr_schedule"):
+        schedule = task.lr_schedule(optimizer)
+    else:
+        schedule = build_schedule(optimizer, tc.lr_schedule, tc.warmup_steps, tc.steps)
+    after_step = getattr(task, "after_step", None)
+    progress_keys = getattr(task, "progress_keys", ())
     params = [p for group in optimizer.param_groups for p in group["params"]]
     metrics: dict[str, float] = {}
     start = time.perf_counter()
@@ -88,6 +98,8 @@ def train(
             torch.nn.utils.clip_grads_with_norm_(params, tc.clip_grad_norm, grad_norm)
         optimizer.step()
         schedule.step()
+        if after_step is not None:
+            after_step(step)
         logger.progress(1)
 
         # Log: float() syncs with the device, so only every log_every steps.
