@@ -10,6 +10,8 @@ rounds so that drift in the machine's speed hits all of them alike. Run:
 The exact VRAdam step must read m and g once more than Adam (for ||m_t||^2 before the update),
 about 36 against 28 bytes per parameter, so ~1.3x fused AdamW is the floor for a memory-bound
 step; the printed ratio is against fused AdamW measured in the same run.
+``velocity="mean"`` costs the same as the paper's sum; ``velocity="precond"`` needs v_t and Adam's
+direction before eta_t is known, so it runs foreach ops instead of the fused kernel.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer
     "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
     "vradam-reference": lambda ps: VRAdam(ps, lr=1e-3, impl="reference"),
     "vradam-fused": lambda ps: VRAdam(ps, lr=1e-3, impl="fused"),
+    "vradam-fused-mean": lambda ps: VRAdam(ps, lr=1e-3, impl="fused", velocity="mean"),
+    "vradam-fused-precond": lambda ps: VRAdam(ps, lr=1e-3, impl="fused", velocity="precond"),
 }
 BASELINE = "adamw-fused"
 
@@ -69,10 +73,18 @@ def main() -> None:
     parser.add_argument("--tensors", type=int, default=300, help="parameter tensors per model")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--only", nargs="+", choices=list(OPTIMIZERS), help="time only these (default: all)"
+    )
     args = parser.parse_args()
+    if args.only:
+        keep = {*args.only, BASELINE, "vradam-fused"}
+        for name in list(OPTIMIZERS):
+            if name not in keep:
+                del OPTIMIZERS[name]
 
     print(f"torch {torch.__version__}, CPU, fp32, {args.tensors} tensors, median of {args.rounds}")
-    header = f"{'params':>7} {'threads':>7} " + " ".join(f"{n:>17}" for n in OPTIMIZERS)
+    header = f"{'params':>7} {'threads':>7} " + " ".join(f"{n:>20}" for n in OPTIMIZERS)
     print(header + f" {'vradam-fused/adamw-fused':>25}")
     for size in args.sizes:
         n_params = int(size)
@@ -80,7 +92,7 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             medians = time_steps(n_params, args.tensors, args.rounds, steps)
-            cells = " ".join(f"{medians[n] * 1e3:>14.3f} ms" for n in OPTIMIZERS)
+            cells = " ".join(f"{medians[n] * 1e3:>17.3f} ms" for n in OPTIMIZERS)
             ratio = medians["vradam-fused"] / medians[BASELINE]
             print(f"{n_params / 1e6:>6.0f}M {threads:>7} {cells} {ratio:>24.2f}x")
 

@@ -1,6 +1,19 @@
 """Optimizers (VRAdam and its peers) and the registry every trainer builds them from."""
 
+from optim.adahb import AdaHBAdam, AdaHBSGD
+from optim.adamp import SGDP, AdamP
+from optim.kadam import KAdam
 from optim.registry import OPTIMIZERS, build_optimizer, register_optimizer
 from optim.vradam import VRAdam
 
-__all__ = ["OPTIMIZERS", "VRAdam", "build_optimizer", "register_optimizer"]
+__all__ = [
+    "OPTIMIZERS",
+    "SGDP",
+    "AdaHBAdam",
+    "AdaHBSGD",
+    "AdamP",
+    "KAdam",
+    "VRAdam",
+    "build_optimizer",
+    "register_optimizer",
+]

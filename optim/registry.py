@@ -8,6 +8,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from optim.adahb import AdaHBAdam, AdaHBSGD
+from optim.adamp import SGDP, AdamP
+from optim.kadam import KAdam
 from optim.vradam import VRAdam
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "register_optimizer"]
@@ -15,6 +18,11 @@ __all__ = ["OPTIMIZERS", "build_optimizer", "register_optimizer"]
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "vradam": VRAdam,
     "adamw": torch.optim.AdamW,
+    "adamp": AdamP,
+    "sgdp": SGDP,
+    "adahb_sgd": AdaHBSGD,
+    "adahb_adam": AdaHBAdam,
+    "kadam": KAdam,
 }
 
 

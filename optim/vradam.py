@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-__all__ = ["IMPLEMENTATIONS", "NORMS", "NORM_SOURCES", "VRAdam", "vradam"]
+__all__ = ["IMPLEMENTATIONS", "NORMS", "NORM_SOURCES", "VELOCITIES", "VRAdam", "vradam"]
 
 NORMS = ("global", "group")
 NORM_SOURCES = ("velocity", "grad")
+VELOCITIES = ("sum", "mean", "precond")
 IMPLEMENTATIONS = ("auto", "reference", "fused")
 
 _GROUP_HYPERPARAMETERS = ("lr", "beta3", "lr_cutoff", "eps", "weight_decay", "maximize")
@@ -44,21 +45,39 @@ class VRAdam(Optimizer):
     .. math::
         \begin{aligned}
         m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
-        \eta_t &= \alpha_0 \,/\, \bigl(1 + \min(\beta_3 \lVert m_t \rVert^2, \alpha_1)\bigr) \\
+        \eta_t &= \alpha_0 \,/\, \bigl(1 + \min(\beta_3 s_t, \alpha_1)\bigr) \\
         \theta_t &= \theta_{t-1}(1 - \eta_t\lambda)
             - \eta_t\, \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
         \end{aligned}
 
-    ``\lVert m_t \rVert^2`` is the squared norm of the raw first moment after this step's update
-    (before bias correction), summed over every parameter that has a gradient: over all param
-    groups (``norm="global"``, the paper's design: one scalar gate for the whole model) or within
-    each group (``norm="group"``, as the authors' released code). ``\alpha_0`` is the group's
-    ``lr``, so learning-rate schedulers act on it; the smallest step is ``lr / (1 + lr_cutoff)``.
+    The velocity measure ``s_t`` is computed after this step's moment updates, over the
+    ``n`` elements of every parameter that has a gradient: over all param groups
+    (``norm="global"``, the paper's design: one scalar gate for the whole model) or within each
+    group (``norm="group"``, as the authors' released code). ``velocity`` picks the measure:
 
-    The step never synchronises with the host: ``\eta_t`` and ``\lVert m_t \rVert^2`` stay device
-    tensors, exposed after each step as :attr:`last_lr_tensor` and
-    :attr:`last_velocity_sq_norm` (shape ``(n_groups,)``; in global mode every entry of the
-    latter is the same global value).
+    .. math::
+        \begin{aligned}
+        \texttt{"sum"}:&\quad s_t = \lVert m_t \rVert^2 = \textstyle\sum_i m_{t,i}^2
+            \quad\text{(the paper's; grows with the model's size)} \\
+        \texttt{"mean"}:&\quad s_t = \lVert m_t \rVert^2 / n
+            \quad\text{(mean square velocity; scale-free in } n) \\
+        \texttt{"precond"}:&\quad s_t = \tfrac{1}{n} \textstyle\sum_i
+            \bigl(\hat m_{t,i} / (\sqrt{\hat v_{t,i}} + \epsilon)\bigr)^2
+            \quad\text{(kinetic energy per weight of Adam's own step direction)}
+        \end{aligned}
+
+    with the raw first moment ``m_t`` (before bias correction) for ``"sum"``/``"mean"``, and the
+    bias-corrected ``\hat m_t, \hat v_t`` of this step for ``"precond"``, whose ``s_t`` is the mean
+    square of Adam's update divided by ``\eta_t``: it is about 1 for a steady gradient and
+    independent of the gradient's units. ``norm_source="grad"`` replaces ``m_t`` by ``g_t`` in
+    ``"sum"`` and ``"mean"``; ``"precond"`` measures the step itself and needs
+    ``norm_source="velocity"``. ``\alpha_0`` is the group's ``lr``, so learning-rate schedulers act
+    on it; the smallest step is ``lr / (1 + lr_cutoff)``. The same ``beta3`` gives very different
+    gates under the three measures: ``"sum"`` scales with ``n``, the others do not.
+
+    The step never synchronises with the host: ``\eta_t`` and ``s_t`` stay device tensors,
+    exposed after each step as :attr:`last_lr_tensor` and :attr:`last_velocity_sq_norm` (shape
+    ``(n_groups,)``; in global mode every entry of the latter is the same global value).
 
     Args:
         params: parameters or param groups to optimise.
@@ -70,6 +89,8 @@ class VRAdam(Optimizer):
         weight_decay: decoupled weight decay lambda, multiplied by eta_t (default: 0.0).
         norm: ``"global"`` or ``"group"``: which parameters one norm covers (default: "global").
         norm_source: ``"velocity"`` (m_t) or ``"grad"`` (g_t) (default: "velocity").
+        velocity: the measure s_t: ``"sum"`` (the paper's ||m_t||^2), ``"mean"`` (||m_t||^2 / n)
+            or ``"precond"`` (mean square of m_hat_t / (sqrt(v_hat_t) + eps)) (default: "sum").
         maximize: maximise the objective instead of minimising it (default: False).
         impl: ``"reference"`` (a plain per-parameter loop), ``"fused"`` (torch's fused AdamW
             kernel driven by the tensor eta_t), or ``"auto"`` (fused where every parameter is a
@@ -88,6 +109,7 @@ class VRAdam(Optimizer):
         *,
         norm: str = "global",
         norm_source: str = "velocity",
+        velocity: str = "sum",
         maximize: bool = False,
         impl: str = "auto",
     ) -> None:
@@ -115,6 +137,7 @@ class VRAdam(Optimizer):
             raise ValueError(
                 f"Invalid norm_source: {norm_source!r}; expected one of {', '.join(NORM_SOURCES)}"
             )
+        _check_velocity(velocity, norm_source)
         if impl not in IMPLEMENTATIONS:
             raise ValueError(
                 f"Invalid impl: {impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}"
@@ -131,12 +154,14 @@ class VRAdam(Optimizer):
         super().__init__(params, defaults)
         self.norm = norm
         self.norm_source = norm_source
+        self.velocity = velocity
         self.impl = impl
         self.last_lr_tensor: Tensor | None = None
         self.last_velocity_sq_norm: Tensor | None = None
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("velocity", "sum")
         for group in self.param_groups:
             group.setdefault("maximize", False)
 
@@ -187,18 +212,38 @@ class VRAdam(Optimizer):
         if not any(g.params for g in groups):
             return loss
         self.last_lr_tensor, self.last_velocity_sq_norm = vradam(
-            groups, norm=self.norm, norm_source=self.norm_source, impl=self._resolve_impl(groups)
+            groups,
+            norm=self.norm,
+            norm_source=self.norm_source,
+            velocity=self.velocity,
+            impl=self._resolve_impl(groups),
         )
         return loss
 
 
-def vradam(
-    groups: list[_GroupTensors], *, norm: str, norm_source: str, impl: str
-) -> tuple[Tensor, Tensor]:
-    """Functional VRAdam over gathered param groups; returns (eta_t, ||m_t||^2), each (n_groups,).
+def _check_velocity(velocity: str, norm_source: str) -> None:
+    if velocity not in VELOCITIES:
+        raise ValueError(f"Invalid velocity: {velocity!r}; expected one of {', '.join(VELOCITIES)}")
+    if velocity == "precond" and norm_source != "velocity":
+        raise ValueError(
+            f"Invalid velocity: 'precond' with norm_source={norm_source!r}; 'precond' measures "
+            "Adam's step m_hat/(sqrt(v_hat)+eps), so it needs norm_source='velocity'"
+        )
 
-    Both implementations share this signature and the two stages: squared norms of the new
-    velocity per group, then one eta_t per group applied to every parameter of the group.
+
+def vradam(
+    groups: list[_GroupTensors],
+    *,
+    norm: str,
+    norm_source: str,
+    impl: str,
+    velocity: str = "sum",
+) -> tuple[Tensor, Tensor]:
+    """Functional VRAdam over gathered param groups; returns (eta_t, s_t), each (n_groups,).
+
+    Both implementations share this signature and the two stages: the velocity measure s_t per
+    group (a sum of squares and its element count), then one eta_t per group applied to every
+    parameter of the group.
     """
     if norm not in NORMS:
         raise ValueError(f"Invalid norm: {norm!r}; expected one of {', '.join(NORMS)}")
@@ -206,10 +251,11 @@ def vradam(
         raise ValueError(
             f"Invalid norm_source: {norm_source!r}; expected one of {', '.join(NORM_SOURCES)}"
         )
+    _check_velocity(velocity, norm_source)
     if impl == "reference":
-        return _single_tensor_vradam(groups, norm=norm, norm_source=norm_source)
+        return _single_tensor_vradam(groups, norm=norm, norm_source=norm_source, velocity=velocity)
     if impl == "fused":
-        return _fused_vradam(groups, norm=norm, norm_source=norm_source)
+        return _fused_vradam(groups, norm=norm, norm_source=norm_source, velocity=velocity)
     raise ValueError(f"Invalid impl: {impl!r}; expected one of reference, fused")
 
 
@@ -218,20 +264,33 @@ def _home_device(groups: list[_GroupTensors]) -> torch.device:
 
 
 def _learning_rates(
-    groups: list[_GroupTensors], sq_norms: list[Tensor | None], norm: str, device: torch.device
+    groups: list[_GroupTensors],
+    sq_norms: list[Tensor | None],
+    norm: str,
+    device: torch.device,
+    velocity: str = "sum",
 ) -> tuple[Tensor, Tensor]:
-    """eta_t = alpha_0 / (1 + min(beta3 ||m_t||^2, alpha_1)) per group, as device tensors.
+    """eta_t = alpha_0 / (1 + min(beta3 s_t, alpha_1)) per group, as device tensors.
 
-    Computed in float64 when any parameter is float64 (so that float64 runs are exact to float64),
-    else in float32.
+    `sq_norms` are per-group sums of squares; for the "mean" and "precond" measures they are
+    divided by the number of elements that entered them (a Python int: no sync). Computed in
+    float64 when any parameter is float64 (so that float64 runs are exact to float64), else in
+    float32.
     """
     wide = any(p.dtype == torch.float64 for g in groups for p in g.params)
     dtype = torch.float64 if wide else torch.float32
     zero = torch.zeros((), dtype=dtype, device=device)
     parts = [zero if s is None else s.to(device, dtype, non_blocking=True) for s in sq_norms]
     per_group = torch.stack(parts)  # (G,)
+    counts = [sum(p.numel() for p in g.params) for g in groups]
     if norm == "global":
-        per_group = per_group.sum().expand(len(groups)).clone()
+        per_group = per_group.sum()
+        if velocity != "sum":
+            per_group = per_group / max(sum(counts), 1)
+        per_group = per_group.expand(len(groups)).clone()
+    elif velocity != "sum":
+        n = torch.tensor([max(n, 1) for n in counts], dtype=dtype, device=device)  # (G,)
+        per_group = per_group / n
     h = [g.hyper for g in groups]
     alpha0 = torch.tensor([x["lr"] for x in h], dtype=dtype, device=device)
     beta3 = torch.tensor([x["beta3"] for x in h], dtype=dtype, device=device)
@@ -246,12 +305,23 @@ def _sum_sq(tensors: list[Tensor]) -> Tensor:
     return torch.stack(norms).to(torch.promote_types(norms[0].dtype, torch.float32)).square().sum()
 
 
+def _adam_direction(m: Tensor, v: Tensor, step: Tensor, hyper: dict) -> Tensor:
+    """Adam's step direction m_hat_t / (sqrt(v_hat_t) + eps) of one parameter, after step t."""
+    # Bias corrections in float64 (float32 where the device lacks it), as the fused kernels.
+    t = step.to(torch.float32 if m.device.type == "mps" else torch.float64)
+    bias_correction1 = 1 - hyper["beta1"] ** t
+    bias_correction2_sqrt = (1 - hyper["beta2"] ** t).sqrt()
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(hyper["eps"])
+    return m / denom / bias_correction1
+
+
 def _single_tensor_vradam(
-    groups: list[_GroupTensors], *, norm: str, norm_source: str
+    groups: list[_GroupTensors], *, norm: str, norm_source: str, velocity: str = "sum"
 ) -> tuple[Tensor, Tensor]:
     """Reference implementation: a plain loop over parameters, written as the math reads."""
     sq_norms: list[Tensor | None] = []
-    # Stage 1: the moments, and the squared norm of each group's velocity (or gradient).
+    # Stage 1: the moments, and the sum of squares of each group's velocity (or gradient, or
+    # Adam step direction).
     for g in groups:
         beta1, beta2 = g.hyper["beta1"], g.hyper["beta2"]
         sq = None
@@ -261,37 +331,38 @@ def _single_tensor_vradam(
             step += 1
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            source = m if norm_source == "velocity" else grad
+            if velocity == "precond":
+                source = _adam_direction(m, v, step, g.hyper)
+            else:
+                source = m if norm_source == "velocity" else grad
             acc_dtype = torch.promote_types(source.dtype, torch.float32)
             term = torch.linalg.vector_norm(source, dtype=acc_dtype).square()
             sq = term if sq is None else sq + term
         sq_norms.append(sq)
-    eta, sq = _learning_rates(groups, sq_norms, norm, _home_device(groups))
+    eta, sq = _learning_rates(groups, sq_norms, norm, _home_device(groups), velocity)
     # Stage 2: the decayed, bias-corrected Adam step with learning rate eta_t.
     for i, g in enumerate(groups):
-        beta1, beta2 = g.hyper["beta1"], g.hyper["beta2"]
         for p, m, v, step in zip(g.params, g.exp_avgs, g.exp_avg_sqs, g.state_steps, strict=True):
             lr = eta[i].to(p.device)
             if g.hyper["weight_decay"] != 0:
                 p.mul_(1 - lr * g.hyper["weight_decay"])
-            # Bias corrections in float64 (float32 where the device lacks it), as the fused kernels.
-            t = step.to(torch.float32 if p.device.type == "mps" else torch.float64)
-            bias_correction1 = 1 - beta1**t
-            bias_correction2_sqrt = (1 - beta2**t).sqrt()
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(g.hyper["eps"])
-            p.sub_((lr / bias_correction1) * m / denom)
+            p.sub_(lr * _adam_direction(m, v, step, g.hyper))
     return eta, sq
 
 
 def _fused_vradam(
-    groups: list[_GroupTensors], *, norm: str, norm_source: str
+    groups: list[_GroupTensors], *, norm: str, norm_source: str, velocity: str = "sum"
 ) -> tuple[Tensor, Tensor]:
     """Fast path: one foreach pass for ||m_t||^2, then torch's fused AdamW kernel at lr = eta_t.
 
     The kernel updates m, v and the parameters in a single pass, so the new velocity norm is
     computed beforehand from m_{t-1} and g_t into temporaries; the kernel applies the decoupled
     weight decay as theta (1 - lr lambda) with lr = eta_t, exactly the VRAdam rule.
+    ``velocity="precond"`` needs v_t and the step direction itself before eta_t is known, so it
+    takes the foreach path of :func:`_foreach_precond_vradam` instead of the fused kernel.
     """
+    if velocity == "precond":
+        return _foreach_precond_vradam(groups, norm=norm)
     sq_norms: list[Tensor | None] = []
     for g in groups:
         if not g.params:
@@ -302,7 +373,7 @@ def _fused_vradam(
             sq_norms.append(_sum_sq(torch._foreach_lerp(g.exp_avgs, grads, 1 - g.hyper["beta1"])))
         else:
             sq_norms.append(_sum_sq(grads))
-    eta, sq = _learning_rates(groups, sq_norms, norm, _home_device(groups))
+    eta, sq = _learning_rates(groups, sq_norms, norm, _home_device(groups), velocity)
     for i, g in enumerate(groups):
         if not g.params:
             continue
@@ -326,4 +397,53 @@ def _fused_vradam(
                 amsgrad=False,
                 maximize=g.hyper["maximize"],
             )
+    return eta, sq
+
+
+def _foreach_precond_vradam(groups: list[_GroupTensors], *, norm: str) -> tuple[Tensor, Tensor]:
+    """VRAdam with s_t = mean square of Adam's direction u_t = m_hat_t / (sqrt(v_hat_t) + eps).
+
+    Three stages over foreach lists, with one temporary per parameter (u_t): the moments in
+    place; u_t and its sum of squares; then theta (1 - eta_t lambda) - eta_t u_t. This reads the
+    moments once fewer than temporaries + the fused kernel would, since u_t is reused as the step.
+    """
+    directions: list[list[Tensor]] = []
+    sq_norms: list[Tensor | None] = []
+    for g in groups:
+        if not g.params:
+            directions.append([])
+            sq_norms.append(None)
+            continue
+        beta1, beta2 = g.hyper["beta1"], g.hyper["beta2"]
+        grads = torch._foreach_neg(g.grads) if g.hyper["maximize"] else g.grads
+        torch._foreach_add_(g.state_steps, 1)
+        torch._foreach_lerp_(g.exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(g.exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(g.exp_avg_sqs, grads, grads, value=1 - beta2)
+        # Bias corrections per tensor, in float64 as the reference (0-dim device tensors).
+        steps = [s.to(torch.float64) for s in g.state_steps]
+        bias_correction1 = torch._foreach_pow(beta1, steps)
+        torch._foreach_neg_(bias_correction1)
+        torch._foreach_add_(bias_correction1, 1)
+        bias_correction2_sqrt = torch._foreach_pow(beta2, steps)
+        torch._foreach_neg_(bias_correction2_sqrt)
+        torch._foreach_add_(bias_correction2_sqrt, 1)
+        torch._foreach_sqrt_(bias_correction2_sqrt)
+        u = torch._foreach_sqrt(g.exp_avg_sqs)
+        torch._foreach_div_(u, bias_correction2_sqrt)
+        torch._foreach_add_(u, g.hyper["eps"])
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, g.exp_avgs)
+        torch._foreach_div_(u, bias_correction1)
+        directions.append(u)
+        sq_norms.append(_sum_sq(u))
+    eta, sq = _learning_rates(groups, sq_norms, norm, _home_device(groups), "precond")
+    for i, (g, u) in enumerate(zip(groups, directions, strict=True)):
+        if not g.params:
+            continue
+        lr = eta[i].to(g.params[0].device, non_blocking=True)
+        if g.hyper["weight_decay"] != 0:
+            torch._foreach_mul_(g.params, 1 - lr * g.hyper["weight_decay"])
+        torch._foreach_mul_(u, lr)
+        torch._foreach_sub_(g.params, u)
     return eta, sq

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +50,61 @@ def test_unknown_argument_names_the_optimizer():
 def test_invalid_value_is_the_optimizers_own_error():
     with pytest.raises(ValueError, match=r"^Invalid lr: -1\.0"):
         build_optimizer({"name": "vradam", "lr": -1.0}, _params())
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "optim"
+
+
+def _composed(name: str, task: dict | None = None):
+    """configs/optim/<name>.yaml under a root config, as Hydra composes it, resolved."""
+    root = OmegaConf.create({"task": task or {}, "optim": OmegaConf.load(CONFIGS / f"{name}.yaml")})
+    return OmegaConf.to_container(root, resolve=True)["optim"]
+
+
+def test_every_optimizer_has_a_config():
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_builds_from_its_config_and_steps(name):
+    """Param groups as the GFlowNet task builds them: an extra beta3 key, log Z's own lr, and
+    log Z a 0-dim float32 tensor (a 0-dim float64 bias correction must not promote it)."""
+    cfg = _composed(name)
+    assert cfg["name"] == name
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+    log_z = torch.nn.Parameter(torch.zeros(()))
+    groups = [{"params": list(net.parameters())}, {"params": [log_z], "lr": 0.1, "beta3": 0.0}]
+    opt = build_optimizer(cfg, groups)
+    assert isinstance(opt, OPTIMIZERS[name])
+    assert opt.param_groups[1]["lr"] == 0.1
+    before = [p.detach().clone() for p in [*net.parameters(), log_z]]
+    for _ in range(2):
+        opt.zero_grad()
+        (net(torch.ones(2, 3)).sum() + log_z.sum()).backward()
+        opt.step()
+    after = [*net.parameters(), log_z]
+    assert all(torch.isfinite(p).all() for p in after)
+    assert all(p.dtype == torch.float32 for p in after)
+    assert not torch.equal(before[-1], log_z.detach())
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp", "adahb_sgd", "adahb_adam", "kadam", "vradam"])
+def test_task_presets_reach_the_config(name):
+    cfg = _composed(name, {name: {"lr": 0.125}})
+    assert cfg["lr"] == 0.125
+
+
+def test_vradam_velocity_preset():
+    assert _composed("vradam")["velocity"] == "sum"
+    cfg = _composed("vradam", {"vradam": {"velocity": "precond"}})
+    assert build_optimizer(cfg, _params()).velocity == "precond"
+
+
+def test_every_name_is_listed_when_one_is_unknown():
+    message = (
+        "Unknown optimizer: 'adam'; available: "
+        "adahb_adam, adahb_sgd, adamp, adamw, kadam, sgdp, vradam"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_optimizer({"name": "adam"}, _params())
