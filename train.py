@@ -9,32 +9,43 @@ run directory (`runs/<date>/<time>`, or `multirun/<date>/<time>/<job>` for -m).
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kinetic import RunLogger, train
 from optim import build_optimizer
+from optim.guard import NonFiniteError
+from optim.monitors import MonitorConfig
 
-TASKS = ("gfn",)
+TASKS = ("gfn", "ddpm")
 
 
-def build_task(cfg: DictConfig):
-    """The task named by `cfg.task.name`."""
+def build_task(cfg: DictConfig, run_dir: Path):
+    """The task named by `cfg.task.name` (`run_dir` receives a task's own files, e.g. samples)."""
     if cfg.task.name == "gfn":
         from gfn.task import GFlowNetTask
 
         return GFlowNetTask(cfg)
+    if cfg.task.name == "ddpm":
+        from diffusion.task import DDPMTask
+
+        return DDPMTask(cfg, run_dir)
     raise ValueError(f"Unknown task: {cfg.task.name!r}; available: {', '.join(TASKS)}")
 
 
 def describe(cfg: DictConfig) -> str:
-    """A short name for the run, e.g. `hypergrid(ndim=2, height=8) tb vradam seed=0`."""
+    """A short name for the run, e.g. `hypergrid(ndim=2, height=8) tb vradam seed=0` or
+    `ddpm digits vradam seed=0`."""
     parts = []
+    if cfg.task.name == "ddpm":
+        parts += ["ddpm", cfg.data.name]
     if "env" in cfg:
         target = cfg.env._target_.rsplit(".", 1)[-1].lower()
         keys = [k for k in ("ndim", "height", "n", "k", "max_nodes") if k in cfg.env]
@@ -48,8 +59,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    task = build_task(cfg)
+    task = build_task(cfg, run_dir)
     optimizer = build_optimizer(cfg.optim, task.param_groups())
+    if "monitor" in cfg:  # validated before the progress bar starts (the loop builds it)
+        MonitorConfig.from_dict(cfg.monitor)
     logger = RunLogger(run_dir, cfg.train.steps, progress=cfg.logging.progress)
     if not cfg.logging.images:
         task.images = lambda step: {}
@@ -59,7 +72,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         logger.close()
     shown = (
         "l1", "tv", "jsd", "log_z_error", "modes_found", "spearman_test", "loss",
-        "trajectories_per_sec",
+        "trajectories_per_sec", "fd", "fd_ratio", "confidence", "class_entropy", "images_per_sec",
     )  # fmt: skip
     summary = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
     print(f"done: {describe(cfg)} {summary} time={metrics['wall_time_s']:.1f}s run_dir={run_dir}")
@@ -73,7 +86,12 @@ def main(cfg: DictConfig) -> float | None:
     except (ValueError, TypeError, NotImplementedError) as err:  # a user error: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    return metrics.get("l1")
+    except (NonFiniteError, FloatingPointError) as err:  # diverged (not a user error): exit 1
+        print(f"error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return math.nan  # one diverged job must not end a sweep (lr sweeps probe divergence)
+        sys.exit(1)
+    return metrics.get("l1", metrics.get("fd_ratio"))  # the objective, for Hydra sweepers
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,10 @@ class RunLogger:
         """Show the latest `values` beside the bar (e.g. loss, l1)."""
         self._postfix.update({k: f"{v:.4g}" for k, v in values.items()})
         self.bar.set_postfix(self._postfix, refresh=False)
+
+    def warn(self, step: int, message: str) -> None:
+        """One warning line on the console, printed above the progress bar (which survives)."""
+        tqdm.write(f"warning: step {step}: {message}", file=sys.stderr)
 
     def write_metrics(self, metrics: dict[str, float]) -> Path:
         """The final metrics as JSON (non-finite values written as null)."""

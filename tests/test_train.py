@@ -66,6 +66,32 @@ def test_multirun_sweeps_optimizers(tmp_path):
     assert "optim/eta" not in _tags(tmp_path / "1")["scalars"]
 
 
+def test_a_diverged_job_does_not_end_the_sweep(tmp_path):
+    """Job 0 starts from a NaN log Z, so the non-finite guard stops it; job 1 still runs."""
+    done = _train(
+        "-m", f"hydra.sweep.dir={tmp_path}", "task.log_z_init=nan,0.0", "env.height=3",
+        "train.steps=20", "train.eval_every=10", "monitor.nonfinite.max_consecutive=2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "error: step 1: 2 consecutive non-finite steps skipped" in done.stderr
+    assert not (tmp_path / "0" / "metrics.json").exists()
+    assert (tmp_path / "0" / "checkpoint.pt").is_file()
+    assert "l1" in json.loads((tmp_path / "1" / "metrics.json").read_text())
+
+
+def test_eta_ratio_is_against_the_lr_of_the_same_step(tmp_path):
+    """eta_t / alpha_0 is in (0, 1] at every logged step, also where the cosine schedule has
+    taken the lr to 0 after the last step."""
+    done = _train(f"hydra.run.dir={tmp_path}", "env.height=3", "train.steps=40",
+                  "train.log_every=10", "train.eval_every=40")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    ratios = [e.value for e in events.Scalars("optim/eta_ratio")]
+    assert len(ratios) == 4
+    assert all(0 < r <= 1 + 1e-6 for r in ratios), ratios
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -1,0 +1,355 @@
+"""Stability monitors: cheap per-step signals of oscillation and spikes, and a periodic sharpness
+probe, logged under `stability/` with rate-limited console warnings.
+
+Per step (device tensors only, no host sync): the cosine between successive updates u_t and
+u_{t-1} (persistently negative = a two-step oscillation), the fraction of coordinates whose
+update changed sign, ||u_t|| / ||theta_{t-1}||, z-scores of the loss and the gradient norm over a
+rolling window (spikes), and VRAdam's eta_t / alpha_0 and ||m_t||. Every `sharpness.every`
+steps: lambda_max of the Hessian and of the preconditioned Hessian against the stability
+threshold (optim/sharpness.py). The non-finite guard lives in optim/guard.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optim.sharpness import preconditioner, sharpness
+
+__all__ = ["MonitorConfig", "StabilityMonitor"]
+
+_TOP_KEYS = (
+    "every", "window", "spike_z", "oscillation_cos", "oscillation_window", "warn_every",
+    "sharpness", "nonfinite",
+)  # fmt: skip
+_SUB_KEYS = {"sharpness": ("every", "iters"), "nonfinite": ("enabled", "max_consecutive")}
+
+
+def _check_keys(node: Mapping, valid: tuple[str, ...], where: str) -> None:
+    for key in node:
+        if key not in valid:
+            raise ValueError(f"Unknown key {where}{key}; valid: {', '.join(valid)}")
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Invalid {name}: {value!r}; expected an int >= {low}")
+    if value < low:
+        raise ValueError(f"Invalid {name}: {value}; expected an int >= {low}")
+    return value
+
+
+def _float(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"Invalid {name}: {value!r}; expected a float in [{low}, {high}]")
+    if not low <= value <= high:  # also rejects NaN
+        raise ValueError(f"Invalid {name}: {value}; expected a float in [{low}, {high}]")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """The `monitor` config group, validated (configs/monitor/default.yaml documents each key)."""
+
+    every: int = 5  # update signals on steps k-1 and k of every k; 0 = no per-step signals
+    window: int = 50  # steps in the rolling window of the spike z-scores
+    spike_z: float = 6.0  # z-score above which a loss or gradient norm is a spike
+    oscillation_cos: float = -0.5  # window-mean update cosine below which the run oscillates
+    oscillation_window: int = 20  # measured updates averaged for the oscillation test
+    warn_every: int = 100  # steps between two console warnings about the same signal
+    sharpness_every: int = 1000  # steps between sharpness probes; 0 = off
+    sharpness_iters: int = 10  # power iterations per eigenvalue
+    nonfinite: bool = True  # skip steps with a NaN/Inf loss or gradient
+    max_consecutive: int = 10  # consecutive skips after which the run stops
+
+    @classmethod
+    def from_dict(cls, node: Mapping[str, Any]) -> MonitorConfig:
+        """Validate a `monitor` mapping (OmegaConf node or dict); missing keys take defaults."""
+        _check_keys(node, _TOP_KEYS, "monitor.")
+        sub = {}
+        for name, keys in _SUB_KEYS.items():
+            child = node.get(name, {})
+            if not isinstance(child, Mapping):
+                raise TypeError(
+                    f"Invalid monitor.{name}: {child!r}; expected a mapping of {', '.join(keys)}"
+                )
+            _check_keys(child, keys, f"monitor.{name}.")
+            sub[name] = child
+        d = cls()
+        nonfinite = sub["nonfinite"].get("enabled", d.nonfinite)
+        if not isinstance(nonfinite, bool):
+            raise TypeError(
+                f"Invalid monitor.nonfinite.enabled: {nonfinite!r}; expected true or false"
+            )
+        return cls(
+            every=_int("monitor.every", node.get("every", d.every), 0),
+            window=_int("monitor.window", node.get("window", d.window), 2),
+            spike_z=_float("monitor.spike_z", node.get("spike_z", d.spike_z), 0.0, math.inf),
+            oscillation_cos=_float(
+                "monitor.oscillation_cos", node.get("oscillation_cos", d.oscillation_cos), -1.0, 1.0
+            ),
+            oscillation_window=_int(
+                "monitor.oscillation_window",
+                node.get("oscillation_window", d.oscillation_window),
+                1,
+            ),
+            warn_every=_int("monitor.warn_every", node.get("warn_every", d.warn_every), 1),
+            sharpness_every=_int(
+                "monitor.sharpness.every", sub["sharpness"].get("every", d.sharpness_every), 0
+            ),
+            sharpness_iters=_int(
+                "monitor.sharpness.iters", sub["sharpness"].get("iters", d.sharpness_iters), 1
+            ),
+            nonfinite=nonfinite,
+            max_consecutive=_int(
+                "monitor.nonfinite.max_consecutive",
+                sub["nonfinite"].get("max_consecutive", d.max_consecutive),
+                1,
+            ),
+        )
+
+
+_COLUMNS = ("uu", "pp", "dd", "loss", "grad_norm", "paired")  # one ring row per measured step
+
+
+def _sum_sq(tensors: list[Tensor]) -> Tensor:
+    """sum ||x||^2 over a list of tensors (one foreach norm), a 0-d device tensor."""
+    return torch.stack(torch._foreach_norm(tensors)).square().sum()
+
+
+class StabilityMonitor:
+    """Per-step stability signals of one optimizer, and the periodic sharpness probe.
+
+    The loop calls `before_step(step)` just before `optimizer.step()` (to remember theta_{t-1}),
+    `after_step(step, loss, grad_norm)` after it, `scalars()` on logging steps (the one host sync)
+    and `probe(loss_fn)` when `probe_due(step)`. The update signals are measured on steps k-1
+    and k of each block of `every = k` steps (a cosine needs two consecutive updates); the loss
+    and gradient norm, for the spike z-scores, on every step.
+
+    Per step the monitor only writes one row of raw quantities (||u_t||^2, ||u_{t-1}||^2,
+    ||u_t - u_{t-1}||^2, loss, gradient norm) into a device ring; the cosines, window means and
+    z-scores are computed from the ring, vectorised, when `scalars()` is called: on CPU a few
+    dozen tiny ops per step would cost more than the passes over the parameters.
+    `interval`: the most steps between two `scalars()` calls (it sizes the ring).
+    """
+
+    def __init__(
+        self, cfg: MonitorConfig, optimizer: torch.optim.Optimizer, interval: int = 100
+    ) -> None:
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if not self.params:
+            raise ValueError("StabilityMonitor: the optimizer has no trainable parameters")
+        p0 = self.params[0]
+        # Signals in the parameters' precision, at least float32 (as torch's gradient norms).
+        device, dtype = p0.device, torch.promote_types(p0.dtype, torch.float32)
+        self.n_coords = sum(p.numel() for p in self.params)
+        # Two parameter-sized buffers (the memory cost of the monitor), swapped every measured
+        # step: `scratch` takes theta_{t-1} before the step and turns into -u_t after it;
+        # `neg_update` then holds -u_t and `scratch` -u_{t-1} until the next `before_step`.
+        self.scratch = [torch.zeros_like(p) for p in self.params]
+        self.neg_update = [torch.zeros_like(p) for p in self.params]
+        self.update_step = -1  # the step whose update `neg_update` holds
+        self.pair_step = -1  # the last step whose update and its predecessor are both held
+        self.prev_sq = torch.zeros((), dtype=dtype, device=device)  # ||u_{t-1}||^2
+        self.one = torch.ones((), dtype=dtype, device=device)
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+        self.alpha0: list[float] = []
+        # The ring of raw rows: the current interval plus the look-back of both windows.
+        self.capacity = interval + cfg.window + cfg.oscillation_window * max(cfg.every, 1) + 1
+        self.rows = torch.zeros(self.capacity, len(_COLUMNS), dtype=dtype, device=device)
+        self.n_rows = 0  # rows written over the run
+        self.n_reported = 0  # rows already summarised by `scalars()`
+        self.last_warned: dict[str, int] = {}
+        self.probe_seed = 0
+
+    # -- per step ------------------------------------------------------------------------------
+
+    def measures(self, step: int) -> bool:
+        """Whether `step`'s update is recorded (the cosine needs two consecutive updates)."""
+        every = self.cfg.every
+        return every > 0 and (step % every == 0 or step % every == every - 1)
+
+    @torch.no_grad()
+    def before_step(self, step: int) -> None:
+        """Remember theta_{t-1} (a device copy) and the base learning rates (host floats)."""
+        if self.measures(step):
+            torch._foreach_copy_(self.scratch, self.params)
+            self.alpha0 = [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    @torch.no_grad()
+    def after_step(self, step: int, loss: Tensor, grad_norm: Tensor) -> None:
+        """Record step `step`'s raw signals on the device (no host sync); `grad_norm` pre-clip.
+
+        Every step: one ring row (loss and gradient norm for the spike z-scores; a stack and a
+        copy). On measured steps also: the copy in `before_step`, one in-place subtraction and,
+        on the second step of a pair, one subtraction and one foreach norm (about six passes
+        over the parameters in all).
+        """
+        if self.cfg.every == 0:
+            return
+        uu = pp = dd = flag = self.zero
+        if self.measures(step):
+            torch._foreach_sub_(self.scratch, self.params)  # theta_{t-1} - theta_t = -u_t
+            paired = step % self.cfg.every == 0 and self.update_step == step - 1
+            if paired:  # ||u_t||^2 and ||u_t - u_{t-1}||^2 in one foreach call
+                diff = torch._foreach_sub(self.scratch, self.neg_update)
+                norms = torch.stack(torch._foreach_norm([*self.scratch, *diff]))  # (2 n,)
+                uu, dd = norms.view(2, -1).square().sum(dim=1).unbind()
+                pp, flag = self.prev_sq, self.one
+            else:
+                uu = _sum_sq(self.scratch)
+            self.scratch, self.neg_update = self.neg_update, self.scratch
+            self.prev_sq, self.update_step = uu, step
+            self.pair_step = step if paired else -1
+        row = torch.stack((uu, pp, dd, loss.detach().reshape(()), grad_norm, flag))
+        self.rows[self.n_rows % self.capacity] = row  # (stack promotes, the copy casts)
+        self.n_rows += 1
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def _chronological(self) -> Tensor:
+        """The ring's rows in the order they were written, oldest first: (m, n_columns)."""
+        m = min(self.n_rows, self.capacity)
+        start = self.n_rows - m
+        index = [(start + j) % self.capacity for j in range(m)]
+        return self.rows[torch.tensor(index, device=self.rows.device)]
+
+    def _interval_signals(self, new: int) -> Tensor:
+        """From the ring: over the `new` rows since the last report, the mean update cosine,
+        the share of oscillating update pairs, and the largest loss and gradient-norm z-scores.
+
+        A pair oscillates when the mean cosine of the last `oscillation_window` pairs ending at
+        it is below `oscillation_cos` (persistently negative, not one bad step); z-scores
+        compare a step with the `window` steps before it, from the first step with a full window.
+        Selecting the paired rows syncs with the host; this runs on logging steps only.
+        """
+        rows = self._chronological()  # (m, C)
+        m = rows.shape[0]
+        uu, pp, dd, x = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3:5]
+        paired = rows[:, 5] > 0  # (m,)
+        recent = torch.arange(m, device=rows.device) >= m - new  # (m,)
+        # Polarisation: <a, b> = (|a|^2 + |b|^2 - |a - b|^2) / 2.
+        cos = (uu + pp - dd) * 0.5 * (uu * pp).clamp_min(1e-30).rsqrt()  # (m,)
+        pair_cos, pair_recent = cos[paired], recent[paired]  # (n_pairs,)
+        n_recent = pair_recent.sum()
+        mean_cos = (pair_cos * pair_recent).sum() / n_recent.clamp_min(1)
+        oscillating = torch.zeros((), dtype=rows.dtype, device=rows.device)
+        w = self.cfg.oscillation_window
+        if pair_cos.shape[0] >= w:
+            below = pair_cos.unfold(0, w, 1).mean(dim=1) < self.cfg.oscillation_cos
+            oscillating = (below & pair_recent[w - 1 :]).sum() / n_recent.clamp_min(1)
+        window = self.cfg.window
+        z_max = torch.zeros(2, dtype=rows.dtype, device=rows.device)
+        scored = min(new, m - window)  # recent rows with `window` rows before them
+        if scored > 0:
+            history = x.unfold(0, window, 1)[-scored - 1 : -1]  # (scored, 2, window)
+            std, mean = torch.std_mean(history, dim=2)  # (scored, 2)
+            z = (x[-scored:] - mean) / std.clamp_min(1e-30)
+            z_max = z.max(dim=0).values.clamp_min(0.0)
+        parts = [mean_cos, oscillating.to(rows.dtype), n_recent.to(rows.dtype)]
+        return torch.cat([torch.stack(parts), z_max])
+
+    def _pair_signals(self) -> Tensor:
+        """At a logging step: the share of coordinates whose update changed sign between the last
+        two steps, and ||u_t|| / ||theta_t||. Three more passes, so only when logged."""
+        # sign(u_t) * u_{t-1} < 0 exactly where the sign flipped (no underflow of a product).
+        opposed = torch._foreach_clamp_max(
+            torch._foreach_mul(torch._foreach_sign(self.neg_update), self.scratch), 0.0
+        )
+        flips = torch.stack(torch._foreach_norm(opposed, 0)).sum() / self.n_coords
+        ratio = self.prev_sq.sqrt() / _sum_sq(self.params).sqrt().clamp_min(1e-30)
+        return torch.stack([flips, ratio]).to(self.rows.dtype)
+
+    def scalars(self) -> dict[str, float]:
+        """The signals since the last call, as floats (one host sync).
+
+        Over the interval: update_cos (mean), oscillating (share of update pairs, see
+        `_interval_signals`), loss_z and grad_norm_z (maxima); at the last measured step:
+        sign_flip_frac and update_to_weight (||u_t|| / ||theta_t||), and VRAdam's eta_ratio
+        (eta_t / alpha_0) and velocity_norm (||m_t||, first group). Call it right after
+        `after_step` (the sign flips read the update buffers).
+        """
+        new = min(self.n_rows - self.n_reported, self.capacity)
+        self.n_reported = self.n_rows
+        values, names = [], []
+        if new > 0:
+            values.append(self._interval_signals(new))
+            names += ["update_cos", "oscillating", "", "loss_z", "grad_norm_z"]
+        if self.pair_step == self.update_step >= 0:  # both updates still in the buffers
+            values.append(self._pair_signals())
+            names += ["sign_flip_frac", "update_to_weight"]
+        eta = getattr(self.optimizer, "last_lr_tensor", None)
+        sq = getattr(self.optimizer, "last_velocity_sq_norm", None)
+        if eta is not None and sq is not None and self.alpha0:
+            velocity = torch.stack([eta[0] / self.alpha0[0], sq[0].sqrt()])
+            values.append(velocity.to(self.rows.dtype))
+            names += ["eta_ratio", "velocity_norm"]
+        if not values:
+            return {}
+        flat = torch.cat(values).tolist()  # the host sync
+        out = {f"stability/{k}": v for k, v in zip(names, flat, strict=True) if k}
+        if new > 0 and flat[2] == 0:  # no paired update in the interval: no cosine
+            del out["stability/update_cos"]
+        return out
+
+    def warnings(self, step: int, values: Mapping[str, float]) -> list[str]:
+        """Console lines for signals past their threshold, at most one per signal per
+        `warn_every` steps. `values`: what `scalars()` or `probe()` returned."""
+        cfg = self.cfg
+        found: list[tuple[str, str]] = []
+        if values.get("stability/oscillating", 0.0) > 0.0:
+            found.append(("oscillation", (
+                f"oscillation: the mean cosine of the last {cfg.oscillation_window} successive "
+                f"updates is below monitor.oscillation_cos={cfg.oscillation_cos:g} "
+                f"(interval mean {values['stability/update_cos']:.3f})"
+            )))  # fmt: skip
+        for key, what in (("loss_z", "loss"), ("grad_norm_z", "gradient norm")):
+            z = values.get(f"stability/{key}", 0.0)
+            if z > cfg.spike_z:
+                found.append((key, (
+                    f"{what} spike: z = {z:.1f} against the last {cfg.window} steps "
+                    f"(monitor.spike_z={cfg.spike_z:g})"
+                )))  # fmt: skip
+        ratio = values.get("stability/eos_ratio", 0.0)
+        if ratio > 1.0:
+            found.append(("eos", (
+                f"edge of stability: sharpness is {ratio:.2f}x the stability threshold "
+                f"{values['stability/eos_threshold']:.4g}"
+            )))  # fmt: skip
+        lines = []
+        for signal, text in found:
+            last = self.last_warned.get(signal)
+            if last is None or step - last >= cfg.warn_every:
+                self.last_warned[signal] = step
+                lines.append(text)
+        return lines
+
+    # -- sharpness -----------------------------------------------------------------------------
+
+    def probe_due(self, step: int) -> bool:
+        every = self.cfg.sharpness_every
+        return every > 0 and step % every == 0
+
+    def probe(self, loss_fn: Callable[[], Tensor]) -> dict[str, float]:
+        """lambda_max of H and of the optimizer's preconditioned H, and their ratio to the
+        threshold (host floats; this syncs, and costs 2 * sharpness.iters Hessian-vector
+        products). `loss_fn` builds a fresh loss graph at the current parameters."""
+        pre = preconditioner(self.optimizer)
+        self.probe_seed += 1
+        top, top_pre = sharpness(
+            loss_fn, self.params, self.cfg.sharpness_iters, seed=self.probe_seed, precond=pre
+        )
+        threshold = pre.constant / pre.eta0 if pre.eta0 > 0 else math.inf
+        return {
+            "stability/sharpness": top,
+            "stability/precond_sharpness": top_pre,
+            "stability/eos_threshold": threshold,
+            "stability/eos_ratio": top_pre / threshold,
+        }
