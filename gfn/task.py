@@ -87,6 +87,7 @@ class GFlowNetTask:
         self.log_z_lr = tc.log_z_lr
         self.log_z_beta3 = tc.get("log_z_beta3")
         device = self.env.s0.device
+        self.seed = cfg.seed
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         # Evaluation draws from its own stream, so evaluating never changes the training run.
         self.eval_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
@@ -137,6 +138,18 @@ class GFlowNetTask:
         loss = self.loss_fn(log_probs, batch, self.model.log_z)
         extras = {"train/log_z": self.model.log_z.detach()} if self.loss_name == "tb" else {}
         return loss, extras
+
+    def probe_loss(self, step: int) -> Tensor:
+        """The loss of a fresh on-policy batch for the sharpness probe, with no side effects: its
+        own generator (seeded by the step), and the visited states, found targets and replay
+        buffer left as they were, so a probed run trains exactly as an unprobed one."""
+        generator = torch.Generator(device=self.env.s0.device).manual_seed(self.seed + 7919 * step)
+        batch = sample_trajectories(
+            self.model, self.env, self.batch_size, generator, self.epsilon, self.temperature
+        )
+        return self.loss_fn(
+            trajectory_log_probs(self.model, self.env, batch), batch, self.model.log_z
+        )
 
     @torch.no_grad()
     def _log_pf(self, states: Tensor) -> Tensor:

@@ -88,10 +88,10 @@ def _build_monitors(
 def _probe_loss(task: Task, step: int) -> Tensor:
     """A fresh loss graph for the sharpness probe, drawn without moving the run's random streams.
 
-    A task may define `probe_loss(step)` (e.g. a fixed batch, no side effects); otherwise this
-    calls `task.loss(step)` and restores `task.generator` and torch's global CPU generator
-    afterwards, so the training batches are the ones an unprobed run would draw. Other side
-    effects of `task.loss` (e.g. a GFlowNet's visited-state record or replay buffer) remain.
+    A task may define `probe_loss(step)` with no side effects (the GFlowNet task does);
+    otherwise this calls `task.loss(step)` and restores `task.generator` and torch's global CPU
+    generator afterwards, so the training batches are the ones an unprobed run would draw; other
+    side effects of that `task.loss` call remain.
     """
     if hasattr(task, "probe_loss"):
         return task.probe_loss(step)

@@ -88,3 +88,17 @@ def test_graphs_too_large_to_enumerate_train_without_exact_metrics():
     loss, _ = task.loss(1)
     assert torch.isfinite(loss)
     assert "l1" not in task.evaluate(1)
+
+
+def test_probe_loss_has_no_side_effects():
+    """The sharpness probe's loss leaves the training stream, the replay buffer and the record
+    of visited states as they were, and is reproducible for a given step."""
+    task = GFlowNetTask(_cfg("task.replay.capacity=64", "task.replay.fraction=0.25"))
+    task.loss(1)
+    generator, visited = task.generator.get_state(), task.visited.clone()
+    n_replay = len(task.replay)
+    first, again = task.probe_loss(2), task.probe_loss(2)
+    assert first.requires_grad and torch.isfinite(first)
+    assert torch.equal(first.detach(), again.detach())
+    assert torch.equal(task.generator.get_state(), generator)
+    assert torch.equal(task.visited, visited) and len(task.replay) == n_replay
