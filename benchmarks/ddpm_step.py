@@ -1,0 +1,173 @@
+# ruff: noqa: E402 (the project's imports follow the sys.path line below)
+"""Training steps per second of kinetic's DDPM step against a plain diffusers-style loop.
+
+The plain loop follows diffusers' `examples/unconditional_image_generation/train_unconditional.py`
+(add_noise, ε-MSE, backward, clip_grad_norm_ to 1, AdamW step, lr_scheduler step, zero_grad,
+EMAModel step with its defaults) on the same UNet (configs/model/unet.yaml), the same batch size
+and the same digits. kinetic's step is the real thing: `kinetic.train` on `DDPMTask`, timed
+between successive `after_step` calls, so it includes everything the loop does per step
+(gradient norm, clipping, monitors, schedule, EMA) except the logging and evaluation steps.
+Variants run in interleaved rounds so drift in the machine's speed hits all of them alike.
+
+    python benchmarks/ddpm_step.py                     # 1 and 2 threads
+    python benchmarks/ddpm_step.py --threads 2 --rounds 5 --steps 40
+
+Prints median steps/s per variant and the ratio against the plain loop measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere, like the other benchmarks
+
+from diffusion.task import DDPMTask
+from kinetic import RunLogger, train
+from optim import build_optimizer
+
+CONFIGS = str(ROOT / "configs")
+BASELINE = "plain-adamw"
+
+
+def compose_cfg(optim: str, steps: int, cache_dir: str, extra: list[str]):
+    """The default `task=ddpm` config, for `steps` steps that never log or evaluate midway."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        return compose(
+            "config",
+            [
+                "task=ddpm", f"optim={optim}", f"train.steps={steps}",
+                f"train.log_every={steps}", f"train.eval_every={steps}",
+                "train.warmup_steps=0", "task.quality=false", f"task.cache_dir={cache_dir}",
+                "logging.progress=false", *extra,
+            ],
+        )  # fmt: skip
+
+
+class KineticRunner:
+    """kinetic.train on a DDPMTask; each `run(n)` is one call of the loop, timed per step."""
+
+    def __init__(self, optim: str, steps: int, workdir: Path, extra: list[str]) -> None:
+        torch.manual_seed(0)
+        self.cfg = compose_cfg(optim, steps, str(workdir / "cache"), extra)
+        self.task = DDPMTask(self.cfg, workdir / optim)
+        self.task.evaluate = lambda step: {}  # not timed anyway; keeps each round short
+        self.task.images = lambda step: {}
+        self.optimizer = build_optimizer(self.cfg.optim, self.task.param_groups())
+        self.ema_step = self.task.after_step
+        self.stamps: list[float] = []
+        self.task.after_step = self._after_step
+        self.workdir = workdir / optim
+
+    def _after_step(self, step: int) -> None:
+        self.ema_step(step)
+        self.stamps.append(time.perf_counter())
+
+    def run(self) -> list[float]:
+        self.stamps = []
+        logger = RunLogger(self.workdir, self.cfg.train.steps, progress=False)
+        try:
+            train(self.task, self.optimizer, self.cfg, logger)
+        finally:
+            logger.close()
+        # Step k's time runs from after_step(k-1) to after_step(k); the last step also logs.
+        deltas = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+        return deltas[:-1]
+
+
+class PlainRunner:
+    """diffusers' train_unconditional.py inner loop, on the same UNet and data as kinetic."""
+
+    def __init__(self, steps: int, workdir: Path, extra: list[str]) -> None:
+        torch.manual_seed(0)
+        cfg = compose_cfg("adamw", steps, str(workdir / "cache"), extra)
+        task = DDPMTask(cfg, workdir / "plain")  # only for the same UNet, scheduler and data
+        self.model, self.noise_scheduler = task.model, task.noise_scheduler
+        self.images, self.batch_size, self.steps = task.data.train, cfg.task.batch_size, steps
+        ema = cfg.task.ema
+        self.ema = EMAModel(
+            self.model.parameters(), decay=ema.decay, use_ema_warmup=ema.use_ema_warmup,
+            inv_gamma=ema.inv_gamma, power=ema.power,
+        )  # fmt: skip
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr)
+        self.lr_scheduler = get_scheduler(
+            "cosine", self.optimizer, num_warmup_steps=0, num_training_steps=10**6
+        )
+
+    def run(self) -> list[float]:
+        deltas = []
+        for _ in range(self.steps):
+            start = time.perf_counter()
+            index = torch.randint(self.images.shape[0], (self.batch_size,))
+            clean_images = self.images[index]
+            noise = torch.randn(clean_images.shape)
+            timesteps = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (self.batch_size,)
+            )
+            noisy_images = self.noise_scheduler.add_noise(clean_images, noise, timesteps)
+            model_output = self.model(noisy_images, timesteps).sample
+            loss = F.mse_loss(model_output.float(), noise.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad()
+            self.ema.step(self.model.parameters())
+            deltas.append(time.perf_counter() - start)
+        return deltas[1:]  # as for kinetic: the first step of a round is not counted
+
+
+def bench(threads: int, rounds: int, steps: int, extra: list[str]) -> dict[str, float]:
+    """Median seconds per step of each variant at `threads` intra-op threads."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        runners = {
+            BASELINE: PlainRunner(steps, workdir, extra),
+            "kinetic-adamw": KineticRunner("adamw", steps, workdir, extra),
+            "kinetic-vradam": KineticRunner("vradam", steps, workdir, extra),
+        }
+        for runner in runners.values():  # warm-up round (allocations, optimizer state)
+            runner.run()
+        samples: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                samples[name] += runner.run()
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30, help="steps per round and variant")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. task.batch_size=64")
+    args = parser.parse_args()
+    print(f"DDPM train step, default task=ddpm config {args.overrides}, CPU, medians over "
+          f"{args.rounds} rounds x {args.steps} steps")  # fmt: skip
+    print(f"{'threads':>7}  {'variant':<15} {'ms/step':>8} {'steps/s':>8} {'vs ' + BASELINE:>16}")
+    for threads in args.threads:
+        medians = bench(threads, args.rounds, args.steps, args.overrides)
+        base = medians[BASELINE]
+        for name, seconds in medians.items():
+            print(
+                f"{threads:>7}  {name:<15} {seconds * 1e3:>8.1f} {1 / seconds:>8.2f} "
+                f"{base / seconds:>15.3f}x"
+            )
+        overhead = (medians["kinetic-vradam"] - medians["kinetic-adamw"]) / medians["kinetic-adamw"]
+        print(f"{threads:>7}  VRAdam over AdamW in kinetic: {overhead:+.1%} of a step")
+
+
+if __name__ == "__main__":
+    main()

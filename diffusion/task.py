@@ -1,0 +1,172 @@
+"""The DDPM task for the training loop: ε-prediction MSE on diffusers' UNet2DModel, an EMA of
+the weights, diffusers' warm-up + decay schedule, and sample quality at each evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from diffusion.data import BatchSampler, build_dataset
+from diffusion.quality import DigitQuality, cached_classifier
+from diffusion.sampling import build_sampler, image_grid, sample_images, save_grid
+
+# diffusers get_scheduler names that need only warm-up and total steps.
+LR_SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+def build_unet(model_cfg: DictConfig | dict, channels: int, resolution: int) -> UNet2DModel:
+    """diffusers' UNet2DModel from `model_cfg` (its own argument names; `name` is dropped), with
+    the data's channels and resolution, which must survive every downsampling."""
+    kwargs = {k: v for k, v in dict(model_cfg).items() if k != "name"}
+    kwargs = OmegaConf.to_container(OmegaConf.create(kwargs)) if kwargs else kwargs
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    n_down = len(kwargs.get("down_block_types", ())) - 1
+    if resolution % 2**n_down:
+        raise ValueError(
+            f"Invalid data.resolution: {resolution}; the UNet downsamples {n_down} times, so "
+            f"the resolution must be a multiple of {2**n_down}"
+        )
+    try:
+        return UNet2DModel(
+            sample_size=resolution, in_channels=channels, out_channels=channels, **kwargs
+        )
+    except TypeError as err:
+        raise TypeError(f"Invalid model config for UNet2DModel: {err}") from err
+
+
+class DDPMTask:
+    """DDPM (arXiv 2006.11239) on one image dataset; digits also get classifier-based quality.
+
+    A step draws a batch x_0, a timestep t ~ U{0..T-1} and noise ε per image, and regresses the
+    UNet's output on ε (MSE). The EMA weights are the ones sampled and evaluated.
+    """
+
+    items_name = "images"
+    progress_keys = ("fd_ratio",)
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
+        tc = cfg.task
+        self.run_dir = Path(run_dir)
+        self.total_steps = cfg.train.steps
+        self.warmup_steps = cfg.train.warmup_steps
+        self.lr_schedule_name = cfg.train.lr_schedule
+        if self.lr_schedule_name not in LR_SCHEDULES:
+            raise ValueError(
+                f"Unknown train.lr_schedule: {self.lr_schedule_name!r}; "
+                f"available for task=ddpm: {', '.join(LR_SCHEDULES)}"
+            )
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(
+                f"Invalid train.warmup_steps: {self.warmup_steps}; "
+                f"expected an int in [0, {self.total_steps}]"
+            )
+        self.data = build_dataset(cfg.data, cfg.seed)
+        images = self.data.train
+        channels, resolution = images.shape[1], images.shape[-1]
+        self.model = build_unet(cfg.model, channels, resolution)
+        self.noise_scheduler = DDPMScheduler(
+            num_train_timesteps=tc.num_train_timesteps,
+            beta_schedule=tc.beta_schedule,
+            prediction_type="epsilon",
+        )
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(images.device)
+        ema = tc.ema
+        self.ema = EMAModel(
+            self.model.parameters(), decay=ema.decay, use_ema_warmup=ema.use_ema_warmup,
+            inv_gamma=ema.inv_gamma, power=ema.power, foreach=True,
+        )  # fmt: skip
+        self.generator = torch.Generator(device=images.device).manual_seed(cfg.seed)
+        self.batches = BatchSampler(images, tc.batch_size, self.generator)
+        self.items_per_step = tc.batch_size
+        self.seed = cfg.seed
+
+        sc = tc.sampling
+        self.sampler_name, self.sampling_steps = sc.scheduler, sc.steps
+        build_sampler(self.sampler_name, self.noise_scheduler, self.sampling_steps)  # validate
+        self.grid_samples = sc.grid_samples
+        self.eval_samples = self.grid_samples  # without quality metrics, only the grid is drawn
+        self.quality = None
+        if self.data.name == "digits" and tc.quality:
+            classifier = cached_classifier(
+                tc.cache_dir, self.data.labeled, self.data.labels, cfg.seed
+            )
+            self.quality = DigitQuality(classifier, self.data.heldout_a, self.data.heldout_b)
+            self.eval_samples = self.quality.n_reference  # FD compares equal sample counts
+        self._last_samples: Tensor | None = None
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.model.parameters())}]
+
+    def lr_schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """diffusers' `get_scheduler`: linear warm-up over train.warmup_steps, then the decay
+        named by train.lr_schedule (cosine by default) to 0 at train.steps."""
+        return get_scheduler(
+            self.lr_schedule_name, optimizer,
+            num_warmup_steps=self.warmup_steps, num_training_steps=self.total_steps,
+        )  # fmt: skip
+
+    def loss(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        x0 = self.batches()  # (B, C, H, W)
+        batch = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=self.generator, device=x0.device)
+        t = torch.randint(
+            self.noise_scheduler.config.num_train_timesteps, (batch,),
+            generator=self.generator, device=x0.device,
+        )  # fmt: skip
+        # Forward process (Ho et al., eq. 4): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) ε.
+        abar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        prediction = self.model(x_t, t).sample
+        return F.mse_loss(prediction, noise), {}
+
+    def after_step(self, step: int) -> None:
+        self.ema.step(self.model.parameters())
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """`n` images in [-1, 1] from the EMA weights with the evaluation sampler."""
+        sampler = build_sampler(self.sampler_name, self.noise_scheduler, self.sampling_steps)
+        self.ema.store(self.model.parameters())
+        self.ema.copy_to(self.model.parameters())
+        try:
+            return sample_images(self.model, sampler, n, generator)
+        finally:
+            self.ema.restore(self.model.parameters())
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Samples from the EMA weights (same seed each time, so evaluations are comparable),
+        scored against held-out digits when the data are digits."""
+        generator = torch.Generator(device=self.data.train.device).manual_seed(self.seed + 1)
+        self._last_samples = self.sample(self.eval_samples, generator)
+        if self.quality is None:
+            return {}
+        return self.quality(self._last_samples)
+
+    def images(self, step: int) -> dict[str, np.ndarray]:
+        """The first `grid_samples` of the last evaluation as a grid, also saved as
+        samples/step_XXXXXX.png in the run directory."""
+        if self._last_samples is None:
+            generator = torch.Generator(device=self.data.train.device).manual_seed(self.seed + 1)
+            self._last_samples = self.sample(self.grid_samples, generator)
+        grid = image_grid(self._last_samples[: self.grid_samples])
+        save_grid(self.run_dir / "samples" / f"step_{step:06d}.png", grid)
+        return {"samples": grid}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The UNet's weights, the EMA weights as a UNet state dict (what sample.py loads), and
+        the EMA's own state (to resume)."""
+        self.ema.store(self.model.parameters())
+        self.ema.copy_to(self.model.parameters())
+        ema_unet = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.ema.restore(self.model.parameters())
+        return {"unet": self.model.state_dict(), "ema_unet": ema_unet, "ema": self.ema.state_dict()}

@@ -1,0 +1,130 @@
+"""DDPMTask: a tiny UNet learns on digits, through the same loop and optimizers as GFlowNets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from diffusion.task import DDPMTask
+from optim import build_optimizer
+
+HELDOUT = 300  # every DDPM test uses this held-out size: one cached classifier per session
+
+
+CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def _cfg(cache, *overrides):
+    """The task=ddpm config with a tiny UNet; digits use the session's cached classifier."""
+    digits = [] if "data=folder" in overrides else [f"data.heldout_size={HELDOUT}"]
+    with initialize_config_dir(config_dir=CONFIGS, version_base=None):
+        return compose(
+            "config",
+            [
+                "task=ddpm", "model=unet_tiny", f"task.cache_dir={cache}",
+                "task.sampling.steps=4", "train.steps=60", "train.warmup_steps=5",
+                *digits, *overrides,
+            ],
+        )  # fmt: skip
+
+
+@torch.no_grad()
+def _fixed_loss(task: DDPMTask) -> float:
+    """The ε-MSE on a fixed batch, timesteps and noise (independent of the training stream)."""
+    g = torch.Generator().manual_seed(123)
+    x0 = task.data.train[:256]
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(1000, (256,), generator=g)
+    x_t = task.noise_scheduler.add_noise(x0, noise, t)  # diffusers' own forward process
+    return float(((task.model(x_t, t).sample - noise) ** 2).mean())
+
+
+@pytest.mark.parametrize("optim", ["vradam", "adamw"])
+def test_tiny_unet_loss_falls_and_ema_tracks(tmp_path, classifier_cache, optim):
+    torch.manual_seed(0)
+    cfg = _cfg(classifier_cache, f"optim={optim}")
+    task = DDPMTask(cfg, tmp_path)
+    optimizer = build_optimizer(cfg.optim, task.param_groups())
+    schedule = task.lr_schedule(optimizer)
+    before = _fixed_loss(task)
+    for step in range(1, cfg.train.steps + 1):
+        loss, _ = task.loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        task.after_step(step)
+    after = _fixed_loss(task)
+    assert after < 0.6 * before, (before, after)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    state = task.state_dict()
+    assert set(state) == {"unet", "ema_unet", "ema"}
+    assert not torch.equal(state["unet"]["conv_in.weight"], state["ema_unet"]["conv_in.weight"])
+
+
+def test_evaluation_scores_ema_samples_and_saves_the_grid(tmp_path, classifier_cache):
+    cfg = _cfg(classifier_cache)
+    task = DDPMTask(cfg, tmp_path)
+    metrics = task.evaluate(7)
+    assert set(metrics) == {"fd", "fd_real", "fd_ratio", "confidence", "class_entropy"}
+    assert metrics["fd_ratio"] > 3  # untrained: far from digits
+    grid = task.images(7)["samples"]
+    assert grid.ndim == 3 and grid.shape[2] == 3 and grid.min() >= 0 and grid.max() <= 1
+    assert (tmp_path / "samples" / "step_000007.png").is_file()
+    assert len(list(classifier_cache.glob("digit_classifier_*.pt"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        (
+            "train.lr_schedule=cosin",
+            ValueError,
+            "Unknown train.lr_schedule: 'cosin'; available for task=ddpm: "
+            "cosine, linear, constant, constant_with_warmup",
+        ),
+        (
+            "task.sampling.scheduler=pndm",
+            ValueError,
+            "Unknown sampler: 'pndm'; available: ddpm, ddim",
+        ),
+        (
+            "data.resolution=7",
+            ValueError,
+            "Invalid data.resolution: 7; the UNet downsamples 1 times, "
+            "so the resolution must be a multiple of 2",
+        ),
+        (
+            "+model.n_heads=2",
+            TypeError,
+            "Invalid model config for UNet2DModel: "
+            "UNet2DModel.__init__() got an unexpected keyword argument 'n_heads'",
+        ),
+    ],
+)
+def test_config_errors_name_the_value(tmp_path, classifier_cache, override, error, message):
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        DDPMTask(_cfg(classifier_cache, override), tmp_path)
+
+
+def test_folder_data_trains_and_evaluates_without_classifier_metrics(tmp_path, classifier_cache):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (10, 12), (60 * i, 20, 200)).save(folder / f"{i}.png")
+    cfg = _cfg(
+        classifier_cache, "data=folder", f"data.path={folder}", "data.resolution=8",
+        "task.sampling.grid_samples=4",
+    )  # fmt: skip
+    task = DDPMTask(cfg, tmp_path)
+    loss, _ = task.loss(1)
+    loss.backward()
+    assert task.model.conv_in.weight.grad.shape[1] == 3  # RGB in
+    assert task.evaluate(1) == {}
+    assert task.images(1)["samples"].shape == ((9 + 1) * 4, (4 * 9 + 1) * 4, 3)  # one row of 4
