@@ -138,14 +138,19 @@ def stability_constant(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
       recursion v = mu v + g, theta -= eta v; Goh, "Why momentum really works").
     - Anything else: plain gradient descent, c = 2.
     The first group decides (groups differ only in rates, which `preconditioner` folds in).
+    AdaHB's momentum is not a constant: its last adaptive beta (`last_momentum`) stands in for
+    beta1 (AdaHB-Adam, which keeps `beta2` rather than `betas`) or mu (AdaHB-SGD).
     """
     group = optimizer.param_groups[0]
     states = [optimizer.state.get(p, {}) for p in group["params"]]
-    if "betas" in group and any("exp_avg_sq" in s for s in states):
-        beta1 = group["betas"][0]
+    adaptive_beta = getattr(optimizer, "last_momentum", None)
+    beta = None if adaptive_beta is None else float(adaptive_beta[0])  # one sync; probes are rare
+    if ("betas" in group or "beta2" in group) and any("exp_avg_sq" in s for s in states):
+        beta1 = group["betas"][0] if "betas" in group else (beta or 0.0)
         return (2.0 + 2.0 * beta1) / (1.0 - beta1), True
-    if group.get("momentum", 0.0):
-        return 2.0 + 2.0 * group["momentum"], False
+    mu = group.get("momentum", beta or 0.0)
+    if mu:
+        return 2.0 + 2.0 * mu, False
     return 2.0, False
 
 
@@ -174,7 +179,7 @@ def preconditioner(optimizer: torch.optim.Optimizer) -> Preconditioner:
             # A first group at lr 0 (the end of a decay) has no threshold; weigh groups equally.
             rel = torch.full_like(p, eta / eta0 if eta0 > 0 else 1.0, dtype=torch.float64)
             if adaptive and "exp_avg_sq" in state:
-                beta2 = group["betas"][1]
+                beta2 = group["betas"][1] if "betas" in group else group["beta2"]
                 step = state["step"].double() if torch.is_tensor(state["step"]) else state["step"]
                 v_hat = state["exp_avg_sq"].double() / (1.0 - beta2**step)
                 rel = rel / (v_hat.sqrt() + group["eps"])

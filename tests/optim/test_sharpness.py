@@ -86,6 +86,29 @@ def test_stability_constant_follows_the_optimizer_type(make, constant, adaptive)
     assert stability_constant(opt) == (pytest.approx(constant), adaptive)
 
 
+def test_adaptive_heavy_ball_uses_its_current_momentum():
+    """AdaHB's beta is set each step: on f = L x^2 / 2 (L = 4, lr 0.01) it is (1 - sqrt(0.04))^2
+    = 0.64 from the second step, so heavy-ball SGD's threshold constant is 2 + 2 * 0.64."""
+    from optim.adahb import AdaHBAdam, AdaHBSGD
+
+    for make in (lambda ps: AdaHBSGD(ps, lr=0.01), lambda ps: AdaHBAdam(ps, lr=0.01)):
+        x = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+        opt = make([x])
+        for _ in range(3):
+            opt.zero_grad()
+            (2.0 * x.square()).sum().backward()
+            opt.step()
+        beta = float(opt.last_momentum[0])
+        constant, adaptive = stability_constant(opt)
+        if isinstance(opt, AdaHBSGD):
+            assert beta == pytest.approx(0.64)
+            assert (constant, adaptive) == (pytest.approx(3.28), False)
+        else:
+            assert 0 < beta < 1
+            assert (constant, adaptive) == (pytest.approx((2 + 2 * beta) / (1 - beta)), True)
+            assert preconditioner(opt).adaptive
+
+
 def test_group_rates_and_vradam_eta_t_enter_the_preconditioner():
     from optim.vradam import VRAdam
 
