@@ -34,6 +34,7 @@ class StudyTask:
     lower_is_better: bool
     label: str
     x_name: str  # what the curves' x axis counts
+    curve: str = ""  # the TensorBoard tag drawn over training (default: eval/<metric>)
 
 
 TASKS: dict[str, StudyTask] = {
@@ -52,7 +53,8 @@ TASKS: dict[str, StudyTask] = {
     "ddpm": StudyTask(
         ("task=ddpm", "task.batch_size=64", "train.steps=300", "train.warmup_steps=30",
          "train.eval_every=300"),
-        "fd_ratio", True, "DDPM digits (shortened), FD / FD(real, real)", "images",
+        "fd_ratio", True, "DDPM digits (short), FD ratio", "images",
+        "train/loss",  # one evaluation per short run: the curve is the training loss
     ),
 }  # fmt: skip
 
@@ -75,7 +77,7 @@ LR_GRID: dict[str, dict[str, tuple[float, ...]]] = {
     "hypergrid_2d": {"adam": (1e-3, 5e-3, 3e-2), "sgd": (1e-2, 3e-2, 3e-1)},
     "hypergrid_4d": {"adam": (1e-3, 5e-3, 3e-2), "sgd": (1e-2, 3e-2, 3e-1)},
     "bitseq": {"adam": (1e-3, 5e-3, 3e-2), "sgd": (1e-2, 3e-2, 3e-1)},
-    "ddpm": {"adam": (3e-4, 1e-3, 5e-3), "sgd": (1e-2, 1e-1, 1.0)},
+    "ddpm": {"adam": (3e-4, 1e-3, 5e-3, 2e-2), "sgd": (1e-2, 1e-1, 1.0)},
 }
 SEEDS = (0, 1, 2)
 COMMON = ("logging.progress=false", "logging.images=false", "threads=1")
@@ -83,10 +85,13 @@ COMMON = ("logging.progress=false", "logging.images=false", "threads=1")
 PROBES = {"gfn": ("monitor.sharpness.every=250",), "ddpm": ("monitor.sharpness.every=100",)}
 
 
-def cell_command(task: str, optimizer: str, sweep_dir: Path, seeds: tuple[int, ...]) -> list[str]:
-    """The `train.py -m` command line of one (task, optimizer) cell."""
+def cell_command(
+    task: str, optimizer: str, sweep_dir: Path, seeds: tuple[int, ...], lrs: tuple[float, ...] = ()
+) -> list[str]:
+    """The `train.py -m` command line of one (task, optimizer) cell (`lrs`: a subset of the grid,
+    to add or redo some learning rates; default: the whole grid)."""
     family, overrides = OPTIMIZERS[optimizer]
-    lrs = ",".join(f"{lr:g}" for lr in LR_GRID[task][family])
+    lrs = ",".join(f"{lr:g}" for lr in lrs or LR_GRID[task][family])
     return [
         sys.executable, "train.py", "-m", *TASKS[task].overrides, *overrides, *COMMON,
         *PROBES["ddpm" if task == "ddpm" else "gfn"],
@@ -101,14 +106,18 @@ def run(args: argparse.Namespace) -> None:
 
     def launch(cell: tuple[str, str]) -> tuple[str, str, int, float]:
         task, optimizer = cell
+        family = OPTIMIZERS[optimizer][0]
+        lrs = tuple(lr for lr in LR_GRID[task][family] if not args.lrs or lr in args.lrs)
+        if not lrs:
+            return task, optimizer, -1, 0.0
         sweep_dir = args.out / task / optimizer
-        command = cell_command(task, optimizer, sweep_dir, seeds)
+        command = cell_command(task, optimizer, sweep_dir, seeds, lrs)
         if args.dry_run:
             print(" ".join(command))
             return task, optimizer, -1, 0.0
         sweep_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        with open(sweep_dir / "multirun.log", "w") as log:
+        with open(sweep_dir / "multirun.log", "a") as log:
             code = subprocess.run(
                 command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
             ).returncode
@@ -234,6 +243,7 @@ def plot(runs: list[Run], figures: Path, stability_tags: tuple[str, str]) -> lis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figures.mkdir(parents=True, exist_ok=True)
     tasks = [t for t in TASKS if any(r.task == t for r in runs)]
@@ -265,12 +275,13 @@ def plot(runs: list[Run], figures: Path, stability_tags: tuple[str, str]) -> lis
             lrs = sorted(by_lr)
             stats = [_mean_std(by_lr[lr]) for lr in lrs]
             ax.errorbar(lrs, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o",
-                        ms=3, capsize=2, label=optimizer)  # fmt: skip
+                        ms=3, capsize=2, color=_colour(optimizer), label=optimizer)  # fmt: skip
         ax.set(xscale="log", xlabel="learning rate", ylabel=spec.metric, title=spec.label)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no 3x10^-4 clutter
         if spec.metric in ("l1", "fd_ratio"):
             ax.set_yscale("log")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    _figure_legend(fig, axes)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     path = figures / "study_metric_vs_lr.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -284,7 +295,8 @@ def plot(runs: list[Run], figures: Path, stability_tags: tuple[str, str]) -> lis
             lr = best_lr(task, optimizer)
             if lr is None:
                 continue
-            curves = [_scalars(r, f"eval/{spec.metric}") for r in runs
+            tag = spec.curve or f"eval/{spec.metric}"
+            curves = [_scalars(r, tag) for r in runs
                       if r.task == task and r.optimizer == optimizer and r.lr == lr]  # fmt: skip
             curves = [c for c in curves if c[0]]
             if not curves:
@@ -293,12 +305,11 @@ def plot(runs: list[Run], figures: Path, stability_tags: tuple[str, str]) -> lis
             n = min(len(c[1]) for c in curves)
             mean = [statistics.fmean(c[1][i] for c in curves) for i in range(n)]
             items = [s * _items_per_step(curves, runs, task) for s in steps[:n]]
-            ax.plot(items, mean, label=f"{optimizer} ({lr:g})")
-        ax.set(xlabel=spec.x_name, ylabel=spec.metric, title=spec.label)
-        if spec.metric in ("l1", "fd_ratio"):
-            ax.set_yscale("log")
-    axes[0][-1].legend(fontsize=6, loc="best")
-    fig.tight_layout()
+            ax.plot(items, mean, color=_colour(optimizer), label=optimizer)
+        ax.set(xlabel=spec.x_name, ylabel=tag, title=spec.label)
+        ax.set_yscale("log")
+    _figure_legend(fig, axes)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     path = figures / "study_curves.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -316,17 +327,40 @@ def plot(runs: list[Run], figures: Path, stability_tags: tuple[str, str]) -> lis
                 if not chosen:
                     continue
                 steps, values = _scalars(chosen[0], tag)
+                if tag.endswith("eos_ratio"):  # the last probe sees lr = 0 (ratio 0): no news
+                    kept = [(s, v) for s, v in zip(steps, values, strict=True) if v > 0]
+                    steps, values = [s for s, _ in kept], [v for _, v in kept]
+                    ax.set_yscale("log")
                 if steps:
-                    ax.plot(steps, values, lw=0.8, label=optimizer)
+                    ax.plot(steps, values, lw=0.8, marker="." if len(steps) < 20 else None,
+                            color=_colour(optimizer), label=optimizer)  # fmt: skip
             ax.set(xlabel="step", ylabel=tag.removeprefix("stability/"), title=TASKS[task].label)
             ax.title.set_fontsize(8)
-    axes[0][-1].legend(fontsize=6, loc="best")
-    fig.tight_layout()
+    _figure_legend(fig, axes)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     path = figures / "study_stability.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     written.append(path)
     return written
+
+
+def _colour(optimizer: str) -> tuple[float, ...]:
+    """One colour per optimizer, the same in every figure."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](list(OPTIMIZERS).index(optimizer) % 10)
+
+
+def _figure_legend(fig, axes) -> None:
+    """One legend for the whole figure, above the panels, from every labelled line."""
+    labelled = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labelled.setdefault(label, handle)
+    order = [name for name in OPTIMIZERS if name in labelled]
+    fig.legend([labelled[n] for n in order], order, loc="upper center", ncol=min(len(order), 9),
+               fontsize=7, frameon=False)  # fmt: skip
 
 
 def _items_per_step(curves: list, runs: list[Run], task: str) -> float:
@@ -378,6 +412,9 @@ def main() -> None:
         "--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS)
     )
     run_p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    run_p.add_argument(
+        "--lrs", nargs="+", type=float, default=[], help="only these learning rates of the grid"
+    )
     run_p.add_argument("--jobs", type=int, default=2, help="multiruns at once (one core each)")
     run_p.add_argument("--out", type=Path, default=ROOT / "study_runs")
     run_p.add_argument("--dry-run", action="store_true", help="print the commands only")
