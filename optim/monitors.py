@@ -62,7 +62,7 @@ class MonitorConfig:
     oscillation_cos: float = -0.5  # window-mean update cosine below which the run oscillates
     oscillation_window: int = 20  # measured updates averaged for the oscillation test
     warn_every: int = 100  # steps between two console warnings about the same signal
-    sharpness_every: int = 1000  # steps between sharpness probes; 0 = off
+    sharpness_every: int = 1500  # steps between sharpness probes; 0 = off
     sharpness_iters: int = 10  # power iterations per eigenvalue
     nonfinite: bool = True  # skip steps with a NaN/Inf loss or gradient
     max_consecutive: int = 10  # consecutive skips after which the run stops
