@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from optim import SGDP, AdamP
 
@@ -191,24 +190,14 @@ def test_unknown_group_keys_are_ignored():
     assert opt.param_groups[0]["lr"] == 3e-3
 
 
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("make", [AdamP, SGDP])
-def test_step_never_syncs_with_host(make):
+def test_step_never_syncs_with_host(make, record_ops):
     net = _net()
     opt = make(net.parameters(), weight_decay=0.1)
     _grads(net, 0)
     opt.step()
     _grads(net, 1)
-    with _RecordOps() as rec:
+    with record_ops() as rec:
         opt.step()
     assert rec.ops and "aten._local_scalar_dense.default" not in rec.ops
 

@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from optim import VRAdam
 
@@ -218,29 +217,19 @@ def test_auto_picks_fused_on_cpu_floats():
 # --- no host synchronisation -----------------------------------------------------------------
 
 
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("options", [{}, {"norm": "group", "weight_decay": 0.1}])
-def test_step_never_syncs_with_host(impl, options):
+def test_step_never_syncs_with_host(impl, options, record_ops):
     net = _mlp()
     opt = VRAdam(_groups(net), impl=impl, **options)
     _train(net, opt, 2)  # state exists; the recorded step is a steady-state one
     torch.nn.functional.mse_loss(net(torch.ones(4, 5)), torch.zeros(4, 3)).backward()
-    with _RecordOps() as rec:
+    with record_ops() as rec:
         opt.step()
     assert rec.ops, "the dispatch mode recorded nothing"
     assert "aten._local_scalar_dense.default" not in rec.ops
     # The recorder does see a sync when one happens.
-    with _RecordOps() as rec:
+    with record_ops() as rec:
         opt.last_lr_tensor[0].item()
     assert "aten._local_scalar_dense.default" in rec.ops
 

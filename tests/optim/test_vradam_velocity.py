@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from optim import VRAdam
 
@@ -182,16 +181,6 @@ def test_fused_matches_reference(options, dtype):
                 assert _rel(opts[1].state[b][key], opts[0].state[a][key]) <= tol
 
 
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "options",
@@ -202,12 +191,12 @@ class _RecordOps(TorchDispatchMode):
         {"velocity": "precond", "norm": "group", "maximize": True},
     ],
 )
-def test_step_never_syncs_with_host(impl, options):
+def test_step_never_syncs_with_host(impl, options, record_ops):
     net = _mlp()
     opt = VRAdam(_groups(net), impl=impl, **options)
     _train(net, opt, 2)
     torch.nn.functional.mse_loss(net(torch.ones(4, 5)), torch.zeros(4, 3)).backward()
-    with _RecordOps() as rec:
+    with record_ops() as rec:
         opt.step()
     assert rec.ops, "the dispatch mode recorded nothing"
     assert "aten._local_scalar_dense.default" not in rec.ops
