@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from optim.adam_state import init_adam_state
+
 __all__ = ["AdaHBAdam", "AdaHBSGD", "adahb_adam", "adahb_sgd", "heavy_ball_momentum"]
 
 
@@ -80,9 +82,7 @@ class _AdaHB(Optimizer):
                 state["prev_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["momentum"] = torch.zeros((), dtype=_acc_dtype([p]), device=p.device)
                 if self._adam:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    init_adam_state(state, p)
                     state["beta1_prod"] = torch.ones((), dtype=torch.float64, device=p.device)
             if previous is None:
                 previous = state["momentum"]

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from optim.adam_state import init_adam_state
+
 __all__ = ["SGDP", "AdamP", "adamp", "project_radial", "sgdp"]
 
 
@@ -149,9 +151,7 @@ class AdamP(Optimizer):
                     raise RuntimeError("AdamP does not support sparse gradients")
                 state = self.state[p]
                 if len(state) == 0:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    init_adam_state(state, p)
                 params.append(p)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])

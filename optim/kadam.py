@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from optim.adam_state import init_adam_state
+
 __all__ = ["KAdam", "is_stable", "kadam"]
 
 
@@ -126,9 +128,7 @@ class KAdam(Optimizer):
                     raise RuntimeError("KAdam does not support sparse gradients")
                 state = self.state[p]
                 if len(state) == 0:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    init_adam_state(state, p)
                     if k > 1:
                         inner = (k - 1, *p.shape)
                         state["inner_exp_avg"] = p.new_zeros(inner)

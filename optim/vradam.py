@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from optim.adam_state import init_adam_state
+
 __all__ = ["IMPLEMENTATIONS", "NORMS", "NORM_SOURCES", "VELOCITIES", "VRAdam", "vradam"]
 
 NORMS = ("global", "group")
@@ -179,9 +181,7 @@ class VRAdam(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 # The step count lives beside the parameter, so bias corrections need no sync.
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                init_adam_state(state, p)
             elif state["step"].device != p.device:
                 # load_state_dict keeps "step" where it was saved; the kernels want it here.
                 state["step"] = state["step"].to(p.device)
