@@ -193,39 +193,50 @@ def _scalars(run: Run, tag: str) -> tuple[list[int], list[float]]:
     return [p.step for p in points], [p.value for p in points]
 
 
+def _by_lr(runs: list[Run], task: str, optimizer: str) -> dict[float, list[float]]:
+    """One (task, optimizer) cell: each seed's final metric, by learning rate (ascending)."""
+    by_lr: dict[float, list[float]] = defaultdict(list)
+    for r in runs:
+        if r.task == task and r.optimizer == optimizer:
+            by_lr[r.lr].append(_value(r, TASKS[task].metric))
+    return dict(sorted(by_lr.items()))
+
+
+def _best(task: str, by_lr: dict[float, list[float]]) -> tuple[float, float, float] | None:
+    """The learning rate with the best finite mean over seeds, as (lr, mean, std); None when
+    every learning rate diverged."""
+    lower = TASKS[task].lower_is_better
+    best = None
+    for lr, values in by_lr.items():
+        mean, std, _ = _mean_std(values)
+        better = best is None or (mean < best[1] if lower else mean > best[1])
+        if math.isfinite(mean) and better:
+            best = (lr, mean, std)
+    return best
+
+
 def table(runs: list[Run]) -> str:
     """One markdown table per task: optimizer x lr, mean ± std over seeds (n if not all)."""
     out = []
     for task, spec in TASKS.items():
-        task_runs = [r for r in runs if r.task == task]
-        if not task_runs:
+        if not any(r.task == task for r in runs):
             continue
         arrow = "lower is better" if spec.lower_is_better else "higher is better"
         out += [f"### {spec.label} ({spec.metric}, {arrow})", ""]
-        grid: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for r in task_runs:
-            grid[r.optimizer][r.lr].append(_value(r, spec.metric))
         out += [
             "| optimizer | lr: values (mean ± std) | best lr | best |",
             "| --- | --- | --- | --- |",
         ]
-        best_of: dict[str, float] = {}
         for optimizer in OPTIMIZERS:
-            if optimizer not in grid:
+            by_lr = _by_lr(runs, task, optimizer)
+            if not by_lr:
                 continue
-            cells, best = [], None
-            for lr in sorted(grid[optimizer]):
-                values = grid[optimizer][lr]
+            cells = []
+            for lr, values in by_lr.items():
                 mean, std, n = _mean_std(values)
                 mark = "" if n == len(values) else f" ({len(values) - n}/{len(values)} diverged)"
                 cells.append(f"{lr:g}: {mean:.4g} ± {std:.2g}{mark}")
-                better = best is None or (
-                    (mean < best[1]) if spec.lower_is_better else (mean > best[1])
-                )
-                if math.isfinite(mean) and better:
-                    best = (lr, mean, std)
-            if best is not None:
-                best_of[optimizer] = best[1]
+            best = _best(task, by_lr)
             best_cells = (
                 ("–", "–")
                 if best is None
@@ -250,47 +261,39 @@ def plot(runs: list[Run], figures: Path, stability_tags: tuple[str, str]) -> lis
     written = []
 
     def best_lr(task: str, optimizer: str) -> float | None:
-        spec = TASKS[task]
-        by_lr: dict[float, list[float]] = defaultdict(list)
-        for r in runs:
-            if r.task == task and r.optimizer == optimizer:
-                by_lr[r.lr].append(_value(r, spec.metric))
-        scored = [(_mean_std(v)[0], lr) for lr, v in by_lr.items()]
-        scored = [(m, lr) for m, lr in scored if math.isfinite(m)]
-        if not scored:
-            return None
-        return (min if spec.lower_is_better else max)(scored)[1]
+        best = _best(task, _by_lr(runs, task, optimizer))
+        return None if best is None else best[0]
+
+    def save(fig, axes, name: str, top: float) -> None:
+        _figure_legend(fig, axes)
+        fig.tight_layout(rect=(0, 0, 1, top))  # room above the panels for the legend
+        fig.savefig(figures / name, dpi=90)
+        plt.close(fig)
+        written.append(figures / name)
 
     # 1. Final metric vs learning rate.
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         spec = TASKS[task]
         for optimizer in OPTIMIZERS:
-            by_lr: dict[float, list[float]] = defaultdict(list)
-            for r in runs:
-                if r.task == task and r.optimizer == optimizer:
-                    by_lr[r.lr].append(_value(r, spec.metric))
+            by_lr = _by_lr(runs, task, optimizer)
             if not by_lr:
                 continue
-            lrs = sorted(by_lr)
-            stats = [_mean_std(by_lr[lr]) for lr in lrs]
+            lrs = list(by_lr)
+            stats = [_mean_std(values) for values in by_lr.values()]
             ax.errorbar(lrs, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o",
                         ms=3, capsize=2, color=_colour(optimizer), label=optimizer)  # fmt: skip
         ax.set(xscale="log", xlabel="learning rate", ylabel=spec.metric, title=spec.label)
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no 3x10^-4 clutter
         if spec.metric in ("l1", "fd_ratio"):
             ax.set_yscale("log")
-    _figure_legend(fig, axes)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
-    path = figures / "study_metric_vs_lr.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    written.append(path)
+    save(fig, axes, "study_metric_vs_lr.png", top=0.9)
 
     # 2. Metric over training at each optimizer's best lr (mean over seeds).
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         spec = TASKS[task]
+        per_step = _items_per_step(runs, task)
         for optimizer in OPTIMIZERS:
             lr = best_lr(task, optimizer)
             if lr is None:
@@ -304,16 +307,11 @@ def plot(runs: list[Run], figures: Path, stability_tags: tuple[str, str]) -> lis
             steps = curves[0][0]
             n = min(len(c[1]) for c in curves)
             mean = [statistics.fmean(c[1][i] for c in curves) for i in range(n)]
-            items = [s * _items_per_step(curves, runs, task) for s in steps[:n]]
+            items = [s * per_step for s in steps[:n]]
             ax.plot(items, mean, color=_colour(optimizer), label=optimizer)
         ax.set(xlabel=spec.x_name, ylabel=tag, title=spec.label)
         ax.set_yscale("log")
-    _figure_legend(fig, axes)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
-    path = figures / "study_curves.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    written.append(path)
+    save(fig, axes, "study_curves.png", top=0.9)
 
     # 3. Stability monitors per optimizer at its best lr (seed 0): one row per signal.
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.2), squeeze=False)
@@ -336,12 +334,7 @@ def plot(runs: list[Run], figures: Path, stability_tags: tuple[str, str]) -> lis
                             color=_colour(optimizer), label=optimizer)  # fmt: skip
             ax.set(xlabel="step", ylabel=tag.removeprefix("stability/"), title=TASKS[task].label)
             ax.title.set_fontsize(8)
-    _figure_legend(fig, axes)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    path = figures / "study_stability.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    written.append(path)
+    save(fig, axes, "study_stability.png", top=0.93)
     return written
 
 
@@ -363,7 +356,7 @@ def _figure_legend(fig, axes) -> None:
                fontsize=7, frameon=False)  # fmt: skip
 
 
-def _items_per_step(curves: list, runs: list[Run], task: str) -> float:
+def _items_per_step(runs: list[Run], task: str) -> float:
     """Trajectories or images per step, read from a finished run's metrics."""
     x_name = TASKS[task].x_name
     for r in runs:
