@@ -21,7 +21,7 @@ from kinetic.checkpoint import save_checkpoint
 from kinetic.logging import RunLogger
 from kinetic.schedule import build_schedule
 from optim.guard import NonFiniteError, NonFiniteGuard
-from optim.monitors import MonitorConfig, StabilityMonitor
+from optim.monitors import MonitorConfig, StabilityMonitor, velocity_scalars
 
 
 class Task(Protocol):
@@ -51,20 +51,6 @@ class Task(Protocol):
         """Images to log at evaluation, (H, W, 3) in [0, 1]; may be empty."""
 
     def state_dict(self) -> dict[str, Any]: ...
-
-
-def _optimizer_scalars(optimizer: torch.optim.Optimizer, alpha0: float) -> dict[str, Tensor]:
-    """VRAdam's eta_t / alpha_0 and ||m_t|| of the first group, when the optimizer exposes them;
-    `alpha0` is the group's lr of the step just taken (before the schedule moved it)."""
-    eta = getattr(optimizer, "last_lr_tensor", None)
-    sq = getattr(optimizer, "last_velocity_sq_norm", None)
-    if eta is None or sq is None:
-        return {}
-    return {
-        "optim/eta": eta[0],
-        "optim/eta_ratio": eta[0] / alpha0,
-        "optim/velocity_norm": sq[0].sqrt(),
-    }
 
 
 def _build_monitors(
@@ -206,7 +192,7 @@ def train(
             )
             scalars = {"train/loss": loss.detach(), "train/grad_norm": grad_norm, **extras}
             scalars["train/lr"] = lr
-            scalars |= _optimizer_scalars(optimizer, lr)
+            scalars |= {f"optim/{k}": v for k, v in velocity_scalars(optimizer, lr).items()}
             scalars = {k: float(v) for k, v in scalars.items()}
             scalars[f"perf/{task.items_name}_per_sec"] = rate
             if monitor is not None:

@@ -117,6 +117,17 @@ class MonitorConfig:
 _COLUMNS = ("uu", "pp", "dd", "loss", "grad_norm", "paired")  # one ring row per measured step
 
 
+def velocity_scalars(optimizer: torch.optim.Optimizer, alpha0: float) -> dict[str, Tensor]:
+    """VRAdam's eta_t, eta_t / alpha_0 and ||m_t|| of the first group, as device tensors ({} for
+    an optimizer without a velocity gate). `alpha0`: the group's lr of the step just taken,
+    read before a schedule moved it."""
+    eta = getattr(optimizer, "last_lr_tensor", None)
+    sq = getattr(optimizer, "last_velocity_sq_norm", None)
+    if eta is None or sq is None:
+        return {}
+    return {"eta": eta[0], "eta_ratio": eta[0] / alpha0, "velocity_norm": sq[0].sqrt()}
+
+
 def _sum_sq(tensors: list[Tensor]) -> Tensor:
     """sum ||x||^2 over a list of tensors (one foreach norm), a 0-d device tensor."""
     return torch.stack(torch._foreach_norm(tensors)).square().sum()
@@ -160,7 +171,7 @@ class StabilityMonitor:
         self.prev_sq = torch.zeros((), dtype=dtype, device=device)  # ||u_{t-1}||^2
         self.one = torch.ones((), dtype=dtype, device=device)
         self.zero = torch.zeros((), dtype=dtype, device=device)
-        self.alpha0: list[float] = []
+        self.alpha0: float | None = None  # the first group's lr of the last step
         # The ring of raw rows: the current interval plus the look-back of both windows.
         self.capacity = interval + cfg.window + cfg.oscillation_window * max(cfg.every, 1) + 1
         self.rows = torch.zeros(self.capacity, len(_COLUMNS), dtype=dtype, device=device)
@@ -178,10 +189,11 @@ class StabilityMonitor:
 
     @torch.no_grad()
     def before_step(self, step: int) -> None:
-        """Remember theta_{t-1} (a device copy) and the base learning rates (host floats)."""
+        """Remember the first group's base learning rate of this step (before a schedule moves
+        it) and, on measured steps, theta_{t-1} (a device copy)."""
+        self.alpha0 = float(self.optimizer.param_groups[0]["lr"])
         if self.measures(step):
             torch._foreach_copy_(self.scratch, self.params)
-            self.alpha0 = [float(g["lr"]) for g in self.optimizer.param_groups]
 
     @torch.no_grad()
     def after_step(self, step: int, loss: Tensor, grad_norm: Tensor) -> None:
@@ -285,11 +297,10 @@ class StabilityMonitor:
         if self.pair_step == self.update_step >= 0:  # both updates still in the buffers
             values.append(self._pair_signals())
             names += ["sign_flip_frac", "update_to_weight"]
-        eta = getattr(self.optimizer, "last_lr_tensor", None)
-        sq = getattr(self.optimizer, "last_velocity_sq_norm", None)
-        if eta is not None and sq is not None and self.alpha0:
-            velocity = torch.stack([eta[0] / self.alpha0[0], sq[0].sqrt()])
-            values.append(velocity.to(self.rows.dtype))
+        velocity = {} if self.alpha0 is None else velocity_scalars(self.optimizer, self.alpha0)
+        if velocity:
+            pair = torch.stack([velocity["eta_ratio"], velocity["velocity_norm"]])
+            values.append(pair.to(self.rows.dtype))
             names += ["eta_ratio", "velocity_norm"]
         if not values:
             return {}
