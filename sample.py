@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import DDPMScheduler
 from omegaconf import OmegaConf
 
 from diffusion.sampling import build_sampler, image_grid, sample_images, save_grid
-from diffusion.task import build_unet
+from diffusion.task import build_noise_scheduler, build_unet
 from kinetic.checkpoint import load_checkpoint
 
 DEFAULTS = {
@@ -66,11 +65,7 @@ def sample_run(args: dict) -> Path:
     state = checkpoint["model"]
     model = build_unet(cfg.model, cfg.data.channels, cfg.data.resolution)
     model.load_state_dict(state["ema_unet"] if args["ema"] else state["unet"])
-    train_scheduler = DDPMScheduler(
-        num_train_timesteps=cfg.task.num_train_timesteps,
-        beta_schedule=cfg.task.beta_schedule,
-        prediction_type="epsilon",
-    )
+    train_scheduler = build_noise_scheduler(cfg.task)
     name = args["scheduler"] or cfg.task.sampling.scheduler
     steps = args["steps"] or cfg.task.sampling.steps
     sampler = build_sampler(str(name), train_scheduler, steps)

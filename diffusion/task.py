@@ -3,6 +3,8 @@ the weights, diffusers' warm-up + decay schedule, and sample quality at each eva
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,16 @@ def build_unet(model_cfg: DictConfig | dict, channels: int, resolution: int) -> 
         raise TypeError(f"Invalid model config for UNet2DModel: {err}") from err
 
 
+def build_noise_scheduler(task_cfg: DictConfig | dict) -> DDPMScheduler:
+    """The training noise schedule of a DDPM run (ε-prediction), from its `task` config; the
+    samplers derive from it (`build_sampler`)."""
+    return DDPMScheduler(
+        num_train_timesteps=task_cfg["num_train_timesteps"],
+        beta_schedule=task_cfg["beta_schedule"],
+        prediction_type="epsilon",
+    )
+
+
 class DDPMTask:
     """DDPM (arXiv 2006.11239) on one image dataset; digits also get classifier-based quality.
 
@@ -75,11 +87,7 @@ class DDPMTask:
         images = self.data.train
         channels, resolution = images.shape[1], images.shape[-1]
         self.model = build_unet(cfg.model, channels, resolution)
-        self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=tc.num_train_timesteps,
-            beta_schedule=tc.beta_schedule,
-            prediction_type="epsilon",
-        )
+        self.noise_scheduler = build_noise_scheduler(tc)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(images.device)
         ema = tc.ema
         self.ema = EMAModel(
@@ -136,10 +144,16 @@ class DDPMTask:
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """`n` images in [-1, 1] from the EMA weights with the evaluation sampler."""
         sampler = build_sampler(self.sampler_name, self.noise_scheduler, self.sampling_steps)
+        with self._ema_weights():
+            return sample_images(self.model, sampler, n, generator)
+
+    @contextmanager
+    def _ema_weights(self) -> Iterator[None]:
+        """The UNet holds the EMA weights inside the block, its training weights again after."""
         self.ema.store(self.model.parameters())
         self.ema.copy_to(self.model.parameters())
         try:
-            return sample_images(self.model, sampler, n, generator)
+            yield
         finally:
             self.ema.restore(self.model.parameters())
 
@@ -165,8 +179,6 @@ class DDPMTask:
     def state_dict(self) -> dict[str, Any]:
         """The UNet's weights, the EMA weights as a UNet state dict (what sample.py loads), and
         the EMA's own state (to resume)."""
-        self.ema.store(self.model.parameters())
-        self.ema.copy_to(self.model.parameters())
-        ema_unet = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.ema.restore(self.model.parameters())
+        with self._ema_weights():
+            ema_unet = {k: v.clone() for k, v in self.model.state_dict().items()}
         return {"unet": self.model.state_dict(), "ema_unet": ema_unet, "ema": self.ema.state_dict()}
