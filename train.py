@@ -20,9 +20,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kinetic import RunLogger, train
+from kinetic.stability.guard import NonFiniteError
+from kinetic.stability.monitors import MonitorConfig
 from optim import build_optimizer
-from optim.guard import NonFiniteError
-from optim.monitors import MonitorConfig
 
 TASKS = ("gfn", "ddpm")
 

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kinetic.loop import _probe_loss, train  # noqa: E402
+from kinetic.stability.monitors import MonitorConfig, StabilityMonitor  # noqa: E402
 from optim import build_optimizer  # noqa: E402
-from optim.monitors import MonitorConfig, StabilityMonitor  # noqa: E402
 
 
 class _TimingLogger:

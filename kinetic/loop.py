@@ -20,8 +20,8 @@ from torch import Tensor
 from kinetic.checkpoint import save_checkpoint
 from kinetic.logging import RunLogger
 from kinetic.schedule import build_schedule
-from optim.guard import NonFiniteError, NonFiniteGuard
-from optim.monitors import MonitorConfig, StabilityMonitor, velocity_scalars
+from kinetic.stability.guard import NonFiniteError, NonFiniteGuard
+from kinetic.stability.monitors import MonitorConfig, StabilityMonitor, velocity_scalars
 
 
 class Task(Protocol):
@@ -116,7 +116,7 @@ def train(
 
     `cfg.train`: steps, log_every, eval_every, clip_grad_norm (0 = off), lr_schedule
     (constant | linear | cosine) and warmup_steps. `cfg.monitor` (optional): the stability
-    monitors and the non-finite guard (optim/monitors.py, optim/guard.py). The resolved `cfg`
+    monitors and the non-finite guard (kinetic/stability/). The resolved `cfg`
     goes into the checkpoint written at the end.
 
     A step whose loss or gradients are not finite is skipped when the guard is on: no optimizer

@@ -1,6 +1,7 @@
 """Adam's per-parameter state, shared by every Adam-type optimizer here.
 
-The keys are torch.optim.Adam's, and the stability monitors (optim/sharpness.py) read them:
+The keys are torch.optim.Adam's, and the stability monitors (kinetic/stability/sharpness.py)
+read them:
 ``step`` (a 0-dim float32 counter on the parameter's device), ``exp_avg`` (m_t) and
 ``exp_avg_sq`` (v_t of the raw gradient).
 """

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kinetic.loop import train
-from optim.guard import NonFiniteError
+from kinetic.stability.guard import NonFiniteError
 from optim.vradam import VRAdam
 
 

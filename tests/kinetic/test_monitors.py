@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from optim.monitors import MonitorConfig, StabilityMonitor
+from kinetic.stability.monitors import MonitorConfig, StabilityMonitor
 from optim.vradam import VRAdam
 
 SPECTRUM = torch.tensor([10.0, 6.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1], dtype=torch.float64)

@@ -6,7 +6,8 @@ u_{t-1} (persistently negative = a two-step oscillation), the fraction of coordi
 update changed sign, ||u_t|| / ||theta_{t-1}||, z-scores of the loss and the gradient norm over a
 rolling window (spikes), and VRAdam's eta_t / alpha_0 and ||m_t||. Every `sharpness.every`
 steps: lambda_max of the Hessian and of the preconditioned Hessian against the stability
-threshold (optim/sharpness.py). The non-finite guard lives in optim/guard.py.
+threshold (kinetic/stability/sharpness.py). The non-finite guard lives in
+kinetic/stability/guard.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim.sharpness import preconditioner, sharpness
+from kinetic.stability.sharpness import preconditioner, sharpness
 
 __all__ = ["MonitorConfig", "StabilityMonitor"]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from optim.sharpness import preconditioner, sharpness, stability_constant
+from kinetic.stability.sharpness import preconditioner, sharpness, stability_constant
 
 SPECTRUM = torch.tensor([10.0, 6.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1], dtype=torch.float64)
 
