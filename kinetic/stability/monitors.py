@@ -123,7 +123,7 @@ def velocity_scalars(optimizer: torch.optim.Optimizer, alpha0: float) -> dict[st
     an optimizer without a velocity gate). `alpha0`: the group's lr of the step just taken,
     read before a schedule moved it."""
     eta = getattr(optimizer, "last_lr_tensor", None)
-    sq = getattr(optimizer, "last_velocity_sq_norm", None)
+    sq = getattr(optimizer, "last_velocity_measure", None)
     if eta is None or sq is None:
         return {}
     return {"eta": eta[0], "eta_ratio": eta[0] / alpha0, "velocity_norm": sq[0].sqrt()}
