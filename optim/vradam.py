@@ -200,9 +200,9 @@ class VRAdam(Optimizer):
         if self.impl != "auto":
             return self.impl
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if params and all(p.is_cuda and p.dtype in _TRITON_DTYPES for p in params):
-            if triton_available():
-                return "triton"
+        on_cuda = params and all(p.is_cuda and p.dtype in _TRITON_DTYPES for p in params)
+        if on_cuda and triton_available():
+            return "triton"
         for p in params:
             if p.device.type not in _FUSED_DEVICES or not torch.is_floating_point(p):
                 return "reference"

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optim.velocity import GroupTensors, gate, home_device, learning_rates
+from optim.velocity import GroupTensors, accumulation_dtype, gate, home_device, learning_rates
 
 __all__ = ["fused_vradam", "single_tensor_vradam"]
 
@@ -23,11 +23,11 @@ CHUNK_ELEMENTS = 1 << 17
 
 def lagged_rates(groups: list[GroupTensors]) -> Tensor:
     """eta_t of the lagged timing: the gate of the previous step's measure (0 before step 1)."""
-    device = home_device(groups)
+    device, dtype = home_device(groups), accumulation_dtype(groups)
     etas = []
     for g in groups:
         s = g.state.get("velocity_measure")
-        s = torch.zeros((), dtype=torch.float32, device=device) if s is None else s.to(device)
+        s = torch.zeros((), dtype=dtype, device=device) if s is None else s.to(device, dtype)
         etas.append(gate(s, g.hyper))
     return torch.stack(etas)
 

@@ -31,6 +31,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -47,14 +48,9 @@ _MEASURES = {"velocity": 0, "grad": 1, "precond": 2}
 
 @functools.cache
 def available() -> bool:
-    """Whether triton can be imported (cheap after the first call; compiles nothing)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton is installed. Cheap: finds the package without importing it, since the
+    first import of triton fixes whether it interprets (TRITON_INTERPRET)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def interpreted() -> bool:
@@ -64,92 +60,13 @@ def interpreted() -> bool:
 
 
 @functools.cache
-def kernels(interpret: bool) -> dict:
-    """The jitted kernels, defined on first use (keyed by the interpreter flag, which Triton
-    reads at decoration time)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _moments_kernel(
-        p_tab, g_tab, m_tab, v_tab, step_tab, numel_tab, chunk_tensor, chunk_start, partials,
-        eta_ptr, group, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
-        P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
-        MEASURE: tl.constexpr, UPDATE: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        c = tl.program_id(0)
-        t = tl.load(chunk_tensor + c)
-        offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(numel_tab + t)
-        g_ptr = tl.load(g_tab + t).to(tl.pointer_type(G_DTYPE))
-        m_ptr = tl.load(m_tab + t).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(v_tab + t).to(tl.pointer_type(tl.float32))
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        m = m + (1.0 - beta1) * (g - m)
-        v = beta2 * v + (1.0 - beta2) * g * g
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        step = tl.load(tl.load(step_tab + t).to(tl.pointer_type(tl.float32)))
-        bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
-        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
-        u = m / (tl.sqrt(v) / bias_correction2_sqrt + eps) / bias_correction1
-        if MEASURE == 0:
-            source = m
-        elif MEASURE == 1:
-            source = g
-        else:
-            source = u
-        tl.store(partials + c, tl.sum(tl.where(mask, source * source, 0.0), axis=0))
-        if UPDATE:
-            eta = tl.load(eta_ptr + group)
-            p_ptr = tl.load(p_tab + t).to(tl.pointer_type(P_DTYPE))
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            p = p * (1.0 - eta * weight_decay) - eta * u
-            tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
-
-    @triton.jit
-    def _update_kernel(
-        p_tab, m_tab, v_tab, step_tab, numel_tab, chunk_tensor, chunk_start, eta_ptr, group,
-        log2_beta1, log2_beta2, eps, weight_decay, P_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        c = tl.program_id(0)
-        t = tl.load(chunk_tensor + c)
-        offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(numel_tab + t)
-        p_ptr = tl.load(p_tab + t).to(tl.pointer_type(P_DTYPE))
-        m = tl.load(tl.load(m_tab + t).to(tl.pointer_type(tl.float32)) + offs, mask=mask)
-        v = tl.load(tl.load(v_tab + t).to(tl.pointer_type(tl.float32)) + offs, mask=mask)
-        step = tl.load(tl.load(step_tab + t).to(tl.pointer_type(tl.float32)))
-        bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
-        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
-        eta = tl.load(eta_ptr + group)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = m / (tl.sqrt(v) / bias_correction2_sqrt + eps) / bias_correction1
-        p = p * (1.0 - eta * weight_decay) - eta * u
-        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
-
-    @triton.jit
-    def _reduce_kernel(partials, group_start, sums, BLOCK: tl.constexpr):
-        group = tl.program_id(0)
-        start = tl.load(group_start + group)
-        stop = tl.load(group_start + group + 1)
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for base in range(start, stop, BLOCK):
-            offs = base + tl.arange(0, BLOCK)
-            acc += tl.load(partials + offs, mask=offs < stop, other=0.0)
-        tl.store(sums + group, tl.sum(acc, axis=0))
-
-    dtypes = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-    return {
-        "moments": _moments_kernel,
-        "update": _update_kernel,
-        "reduce": _reduce_kernel,
-        "dtypes": dtypes,
-    }
+def kernels(interpret: bool) -> ModuleType:
+    """The kernels module, loaded on first use, one copy per value of the interpreter flag:
+    Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when the module runs."""
+    spec = importlib.util.find_spec("optim.vradam_triton_kernels")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass
@@ -177,16 +94,12 @@ class _Plan:
 
 def _key(groups: list[GroupTensors]) -> tuple:
     """Everything the tables encode: addresses, lengths and dtypes, per group."""
-    return tuple(
-        tuple(
-            (p.data_ptr(), g_.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(), p.numel(),
-             p.dtype, g_.dtype)  # fmt: skip
-            for p, g_, m, v, s in zip(
-                g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.state_steps, strict=True
-            )
-        )
-        for g in groups
-    )
+    key = []
+    for g in groups:
+        lists = (g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.state_steps)
+        key.append(tuple(tuple(t.data_ptr() for t in ts) for ts in zip(*lists, strict=True)))
+        key.append(tuple((p.numel(), p.dtype, d.dtype) for p, d in zip(*lists[:2], strict=True)))
+    return tuple(key)
 
 
 def _check_tensors(g: GroupTensors, dtypes: dict) -> None:
@@ -210,7 +123,7 @@ def _plan(groups: list[GroupTensors], cache: dict) -> _Plan:
     plan = cache.get("triton_plan")
     if plan is not None and plan.key == key:
         return plan
-    dtypes = kernels(interpreted())["dtypes"]
+    dtypes = kernels(interpreted()).DTYPES
     device = next(g.params[0].device for g in groups if g.params)
     buckets, group_start, offset = [], [0], 0
     for gi, g in enumerate(groups):
@@ -257,8 +170,8 @@ def _plan(groups: list[GroupTensors], cache: dict) -> _Plan:
     return plan
 
 
-def _log2(beta: float) -> float:
-    return math.log2(beta) if beta > 0 else -math.inf
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf
 
 
 def triton_vradam(
@@ -284,15 +197,15 @@ def triton_vradam(
     for b in plan.buckets:
         h = groups[b.group].hyper
         grid = (b.chunk_tensor.numel(),)
-        k["moments"][grid](
+        k.moments_kernel[grid](
             b.tables["p"], b.tables["g"], b.tables["m"], b.tables["v"], b.tables["step"],
             b.tables["numel"], b.chunk_tensor, b.chunk_start, plan.partials[b.partial_offset:],
-            eta, b.group, h["beta1"], h["beta2"], _log2(h["beta1"]), _log2(h["beta2"]),
-            h["eps"], h["weight_decay"], P_DTYPE=k["dtypes"][b.p_dtype],
-            G_DTYPE=k["dtypes"][b.g_dtype], MAXIMIZE=bool(h["maximize"]), MEASURE=measure,
+            eta, b.group, h["beta1"], h["beta2"], _log(h["beta1"]), _log(h["beta2"]),
+            h["eps"], h["weight_decay"], P_DTYPE=k.DTYPES[b.p_dtype],
+            G_DTYPE=k.DTYPES[b.g_dtype], MAXIMIZE=bool(h["maximize"]), MEASURE=measure,
             UPDATE=lagged, BLOCK=BLOCK,
         )  # fmt: skip
-    k["reduce"][(len(groups),)](plan.partials, plan.group_start, plan.sums, BLOCK=_REDUCE_BLOCK)
+    k.reduce_kernel[(len(groups),)](plan.partials, plan.group_start, plan.sums, BLOCK=_REDUCE_BLOCK)
     sums = [plan.sums[i] if g.params else None for i, g in enumerate(groups)]
     new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     if lagged:
@@ -301,9 +214,9 @@ def triton_vradam(
     eta32 = new_eta.float()
     for b in plan.buckets:
         h = groups[b.group].hyper
-        k["update"][(b.chunk_tensor.numel(),)](
+        k.update_kernel[(b.chunk_tensor.numel(),)](
             b.tables["p"], b.tables["m"], b.tables["v"], b.tables["step"], b.tables["numel"],
-            b.chunk_tensor, b.chunk_start, eta32, b.group, _log2(h["beta1"]), _log2(h["beta2"]),
-            h["eps"], h["weight_decay"], P_DTYPE=k["dtypes"][b.p_dtype], BLOCK=BLOCK,
+            b.chunk_tensor, b.chunk_start, eta32, b.group, _log(h["beta1"]), _log(h["beta2"]),
+            h["eps"], h["weight_decay"], P_DTYPE=k.DTYPES[b.p_dtype], BLOCK=BLOCK,
         )  # fmt: skip
     return new_eta, s
