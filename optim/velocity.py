@@ -8,6 +8,7 @@ changes ``lr`` every step costs no host-to-device copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,9 @@ class GroupTensors:
 
     `hyper`: lr, beta1, beta2, beta3, lr_cutoff, eps, weight_decay, maximize (Python scalars).
     `state`: the group's own state (the lagged mode keeps s_{t-1} there as ``"velocity_measure"``).
+    `numel` and `reduce` describe sharded parameters (see :mod:`optim.sharding`): the tensors
+    are then this rank's shards, `numel` the group's global element count, and `reduce` sums the
+    stacked per-group partial sums over the shards on the device; both None when unsharded.
     """
 
     hyper: dict
@@ -46,6 +50,8 @@ class GroupTensors:
     exp_avgs: list[Tensor] = field(default_factory=list)
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     state_steps: list[Tensor] = field(default_factory=list)
+    numel: int | None = None
+    reduce: Callable[[Tensor], Tensor] | None = None
 
 
 def check_options(norm: str, norm_source: str, velocity: str, norm_timing: str) -> None:
@@ -78,11 +84,15 @@ def measures(
     """s_t per group from per-group sums of squares (None: a group without gradients).
 
     "mean" and "precond" divide by the number of elements that entered the sum (a Python int).
+    Sharded groups sum their partial sums over the shards first, with one all-reduce.
     """
     dtype, device = accumulation_dtype(groups), home_device(groups)
     zero = torch.zeros((), dtype=dtype, device=device)
     parts = [zero if s is None else s.to(device, dtype, non_blocking=True) for s in sums]
-    counts = [sum(p.numel() for p in g.params) for g in groups]
+    reduce = next((g.reduce for g in groups if g.reduce is not None), None)
+    if reduce is not None:
+        parts = list(reduce(torch.stack(parts)).unbind())
+    counts = [sum(p.numel() for p in g.params) if g.numel is None else g.numel for g in groups]
     if norm == "global":
         total = torch.stack(parts).sum()
         if velocity != "sum":

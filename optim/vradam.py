@@ -16,6 +16,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from optim import vradam_triton
 from optim.adam_state import init_adam_state
+from optim.sharding import local_shards
 from optim.template import evaluate_closure, gradients
 from optim.validation import check_betas, check_choice, check_float, check_lr
 from optim.velocity import (
@@ -243,9 +244,12 @@ def vradam(
     Every implementation takes the same arguments and runs the same two stages: the velocity
     measure s_t per group (a sum of squares and its element count), then one eta_t per group
     applied to every parameter of the group. `workspace` is where an implementation may cache
-    device tensors between steps (the optimizer passes its own dict).
+    device tensors between steps (the optimizer passes its own dict). DTensor (sharded)
+    parameters are stepped on their local shards, the measure summed over shards
+    (:mod:`optim.sharding`).
     """
     check_options(norm, norm_source, velocity, norm_timing)
+    groups = local_shards(groups)
     options = dict(norm=norm, norm_source=norm_source, velocity=velocity, norm_timing=norm_timing)
     if impl == "reference":
         return single_tensor_vradam(groups, **options)

@@ -1,0 +1,161 @@
+"""Rank awareness for runs started by ``torchrun``: who am I, who writes, which seed, which run dir.
+
+Every rank-dependent decision in kinetic asks this module instead of calling ``dist.get_rank()``
+itself. Outside ``torchrun`` (no process group, no ``WORLD_SIZE``) everything answers as a
+single-process run: rank 0 of 1, the main process, and the collectives below are no-ops.
+
+Seeds. The run's ``seed`` initialises the model on every rank (DistributedDataParallel also
+broadcasts rank 0's weights when it wraps the model); what each rank samples (trajectories,
+images, noise) comes from :func:`rank_seed`: rank 0 keeps ``seed`` itself, so a single-process
+run is unchanged, and rank r > 0 draws ``numpy.random.SeedSequence(seed, spawn_key=(r,))``'s
+first 63 bits. SeedSequence hashes (entropy, spawn key) so that the children of one seed, and
+of different seeds, give statistically independent generator states: streams of different ranks
+do not overlap, and rank 1 of seed 0 is not rank 0 of seed 1.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "agree",
+    "barrier",
+    "device_for_rank",
+    "init_from_env",
+    "is_distributed",
+    "is_main_process",
+    "local_rank",
+    "rank",
+    "rank_seed",
+    "shutdown",
+    "silence_other_ranks",
+    "world_size",
+]
+
+# torchrun's variables (torch.distributed.run sets all of them in every worker).
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Processes in the run: the process group's size, else torchrun's WORLD_SIZE, else 1."""
+    if _initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's global rank: the process group's, else torchrun's RANK, else 0."""
+    if _initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (torchrun's LOCAL_RANK; 0 outside torchrun): which
+    GPU it drives."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_distributed() -> bool:
+    """Whether more than one process takes part in the run."""
+    return world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Whether this process logs, evaluates and writes files (global rank 0)."""
+    return rank() == 0
+
+
+def device_for_rank(device: torch.device | str) -> torch.device:
+    """The device this rank drives: ``cuda`` becomes ``cuda:LOCAL_RANK``; others are unchanged."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank())
+    return device
+
+
+def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 600.0) -> bool:
+    """Join the process group torchrun describes in the environment; True when distributed.
+
+    The backend follows the device: gloo for CPU tensors, nccl for CUDA (the rank's GPU, see
+    :func:`device_for_rank`, becomes the current device first). A no-op returning False outside
+    torchrun or with WORLD_SIZE=1, and returning True when a group already exists (a caller
+    that manages its own). `timeout_s` bounds every collective, so a rank that died makes the
+    others fail instead of hanging.
+    """
+    if _initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    missing = [k for k in _ENV if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set; start "
+            "distributed runs with torchrun (python -m torch.distributed.run), which sets them"
+        )
+    device = device_for_rank(device)
+    if device.type not in BACKENDS:
+        raise ValueError(
+            f"Invalid device for a distributed run: {device.type!r}; expected one of "
+            f"{', '.join(BACKENDS)} (gloo on CPU, nccl on CUDA)"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=timeout_s), **kwargs)
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group (after a final barrier, so no rank exits while another still
+    talks to it); a no-op when none exists."""
+    if _initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here; a no-op outside a distributed run."""
+    if _initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def agree(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a pickled broadcast; call it on every rank). Used for
+    decisions only rank 0 may take, e.g. the run directory named after its clock."""
+    if not (_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_seed(seed: int, of_rank: int | None = None) -> int:
+    """The seed of the sampling streams of rank `of_rank` (default: this process's): `seed` on
+    rank 0, a SeedSequence hash of (seed, rank) on the others (see the module docstring)."""
+    r = rank() if of_rank is None else of_rank
+    if r < 0:
+        raise ValueError(f"Invalid rank: {r}; expected a rank >= 0")
+    if r == 0:
+        return seed
+    state = np.random.SeedSequence(seed, spawn_key=(r,)).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])  # 63 bits: any torch or numpy seed takes it
+
+
+def silence_other_ranks() -> None:
+    """Let only rank 0 speak: Python warnings are ignored on the other ranks (their errors
+    still raise and torchrun reports them)."""
+    if not is_main_process():
+        warnings.filterwarnings("ignore")
