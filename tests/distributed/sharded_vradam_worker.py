@@ -1,5 +1,6 @@
 """Run under torchrun by test_sharded_vradam.py: VRAdam on FSDP2-sharded parameters against the
-single-process optimizer, every case in one launch (each rank writes ``rank{r}.json``).
+single-process optimizer, every case in one launch, and kinetic.distributed's helpers across
+the ranks (each rank writes ``rank{r}.json``).
 
 Each rank trains a model sharded with ``fully_shard`` on its half of every global batch, and
 beside it the unsharded model on the whole batch with VRAdam ``impl="reference"`` in this one
@@ -119,6 +120,11 @@ def main() -> None:
     distributed.init_from_env("cpu", timeout_s=120)
     rank, world = distributed.rank(), distributed.world_size()
     results = {"world": world, "cases": {}, "refusals": refusals()}
+    results["helpers"] = dict(
+        agreed=distributed.agree(f"run-dir-of-rank-{rank}"),
+        seed=distributed.rank_seed(7),
+        main=distributed.is_main_process(),
+    )
     for impl, velocity, norm in CASES:
         key = f"{impl}-{velocity}-{norm}"
         if impl == "triton" and not (vradam_triton.available() and vradam_triton.interpreted()):

@@ -53,3 +53,10 @@ def test_mixed_plain_and_sharded_parameters_are_refused(ranks: list[dict]) -> No
     assert message is not None and message.startswith(
         "VRAdam: the parameters mix DTensors (sharded, e.g. by fully_shard) and plain tensors"
     )
+
+
+def test_rank_helpers_across_processes(ranks: list[dict]) -> None:
+    helpers = [r["helpers"] for r in ranks]
+    assert [h["agreed"] for h in helpers] == ["run-dir-of-rank-0"] * 2  # rank 0 decides
+    assert [h["main"] for h in helpers] == [True, False]
+    assert helpers[0]["seed"] == 7 and helpers[1]["seed"] not in (7, 8)
