@@ -27,11 +27,14 @@ import torch.distributed as dist
 __all__ = [
     "agree",
     "barrier",
+    "data_parallel",
     "device_for_rank",
     "init_from_env",
     "is_distributed",
     "is_main_process",
     "local_rank",
+    "mean_over_ranks",
+    "per_rank",
     "rank",
     "rank_seed",
     "shutdown",
@@ -86,14 +89,15 @@ def device_for_rank(device: torch.device | str) -> torch.device:
     return device
 
 
-def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 600.0) -> bool:
+def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 1800.0) -> bool:
     """Join the process group torchrun describes in the environment; True when distributed.
 
     The backend follows the device: gloo for CPU tensors, nccl for CUDA (the rank's GPU, see
     :func:`device_for_rank`, becomes the current device first). A no-op returning False outside
     torchrun or with WORLD_SIZE=1, and returning True when a group already exists (a caller
     that manages its own). `timeout_s` bounds every collective, so a rank that died makes the
-    others fail instead of hanging.
+    others fail instead of hanging; it must exceed the longest stretch one rank works alone
+    (rank 0's evaluations), hence the long default.
     """
     if _initialized():
         return dist.get_world_size() > 1
@@ -159,3 +163,52 @@ def silence_other_ranks() -> None:
     still raise and torchrun reports them)."""
     if not is_main_process():
         warnings.filterwarnings("ignore")
+
+
+def per_rank(total: int, key: str) -> int:
+    """`total` items split evenly over the ranks (e.g. the global batch); `key` names the
+    config entry in the error when the split is uneven."""
+    n = world_size()
+    if total % n != 0 or total < n:
+        raise ValueError(
+            f"Invalid {key}: {total} is not a positive multiple of the number of processes "
+            f"({n}); it is the global count, split evenly over the ranks"
+        )
+    return total // n
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over the ranks (one all-reduce on the device, no host sync);
+    `value` itself outside a distributed run. A non-finite value on any rank makes the mean
+    non-finite on every rank, so decisions taken from it (skip a step) agree."""
+    if not (_initialized() and dist.get_world_size() > 1):
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / dist.get_world_size()
+
+
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` wrapped in DistributedDataParallel in a distributed run, else `model` itself.
+
+    Call the wrapper for the forward pass whose loss is backpropagated: DDP then averages the
+    gradient of every parameter over the ranks, once, during ``backward()``. Two settings make
+    that exact for the models here:
+
+    - ``static_graph=True``: the same parameters receive gradients every step, which lets a
+      parameter be used outside ``forward`` (a GFlowNet's log Z enters the loss directly) or
+      not at all (log Z under flow losses) without DDP's per-step search for unused ones;
+    - ``broadcast_buffers=False``: a forward pass issues no collective, so ranks may call the
+      model (through the wrapper or not) a different number of times, e.g. a sampler whose
+      trajectories end at different steps. Buffers agree from the start: DDP broadcasts rank
+      0's parameters and buffers when it wraps the model.
+    """
+    if not (_initialized() and dist.get_world_size() > 1):
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(
+        model, device_ids=device_ids, static_graph=True, broadcast_buffers=False
+    )

@@ -124,6 +124,8 @@ def main() -> None:
         agreed=distributed.agree(f"run-dir-of-rank-{rank}"),
         seed=distributed.rank_seed(7),
         main=distributed.is_main_process(),
+        mean=distributed.mean_over_ranks(torch.tensor(float(rank + 1))).item(),
+        ddp=type(distributed.data_parallel(nn.Linear(2, 2))).__name__,
     )
     for impl, velocity, norm in CASES:
         key = f"{impl}-{velocity}-{norm}"

@@ -60,3 +60,5 @@ def test_rank_helpers_across_processes(ranks: list[dict]) -> None:
     assert [h["agreed"] for h in helpers] == ["run-dir-of-rank-0"] * 2  # rank 0 decides
     assert [h["main"] for h in helpers] == [True, False]
     assert helpers[0]["seed"] == 7 and helpers[1]["seed"] not in (7, 8)
+    assert [h["mean"] for h in helpers] == [1.5, 1.5]
+    assert [h["ddp"] for h in helpers] == ["DistributedDataParallel"] * 2

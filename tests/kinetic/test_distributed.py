@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -67,3 +69,22 @@ def test_rank_seed_formula() -> None:
     torch.Generator().manual_seed(max(seeds))  # any of them seeds a torch generator
     with pytest.raises(ValueError, match=r"^Invalid rank: -1"):
         distributed.rank_seed(0, -1)
+
+
+def test_per_rank_split(torchrun_env) -> None:
+    assert distributed.per_rank(16, "task.batch_size") == 16
+    torchrun_env(1, 4)
+    assert distributed.per_rank(16, "task.batch_size") == 4
+    message = (
+        "Invalid task.batch_size: 10 is not a positive multiple of the number of processes (4); "
+        "it is the global count, split evenly over the ranks"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        distributed.per_rank(10, "task.batch_size")
+
+
+def test_single_process_wrappers_are_identities(torchrun_env) -> None:
+    model = torch.nn.Linear(2, 2)
+    assert distributed.data_parallel(model) is model
+    x = torch.tensor(3.0)
+    assert distributed.mean_over_ranks(x) is x
