@@ -15,6 +15,7 @@ do not overlap, and rank 1 of seed 0 is not rank 0 of seed 1.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from datetime import timedelta
@@ -26,7 +27,9 @@ import torch.distributed as dist
 
 __all__ = [
     "agree",
+    "any_over_ranks",
     "barrier",
+    "check_in_sync",
     "data_parallel",
     "device_for_rank",
     "init_from_env",
@@ -198,10 +201,11 @@ def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
     - ``static_graph=True``: the same parameters receive gradients every step, which lets a
       parameter be used outside ``forward`` (a GFlowNet's log Z enters the loss directly) or
       not at all (log Z under flow losses) without DDP's per-step search for unused ones;
-    - ``broadcast_buffers=False``: a forward pass issues no collective, so ranks may call the
-      model (through the wrapper or not) a different number of times, e.g. a sampler whose
-      trajectories end at different steps. Buffers agree from the start: DDP broadcasts rank
-      0's parameters and buffers when it wraps the model.
+    - buffers are not synchronised in ``forward`` (``forward_sync_buffers=False``; before
+      torch 2.13, ``broadcast_buffers=False``): a forward pass issues no collective, so ranks
+      may call the model a different number of times, e.g. a sampler whose trajectories end at
+      different steps. Buffers agree from the start: DDP broadcasts rank 0's parameters and
+      buffers when it wraps the model.
     """
     if not (_initialized() and dist.get_world_size() > 1):
         return model
@@ -209,6 +213,35 @@ def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
 
     device = next(model.parameters()).device
     device_ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(
-        model, device_ids=device_ids, static_graph=True, broadcast_buffers=False
-    )
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        buffers = {"forward_sync_buffers": False}
+    else:
+        buffers = {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=device_ids, static_graph=True, **buffers)
+
+
+def any_over_ranks(mask: torch.Tensor) -> torch.Tensor:
+    """Elementwise OR of a bool tensor over the ranks (one all-reduce on the device); `mask`
+    itself outside a distributed run. E.g. which states any rank has visited."""
+    if not (_initialized() and dist.get_world_size() > 1):
+        return mask
+    merged = mask.to(torch.uint8)
+    dist.all_reduce(merged, op=dist.ReduceOp.MAX)
+    return merged.bool()
+
+
+def check_in_sync(params: list[torch.Tensor], what: str) -> None:
+    """Raise RuntimeError unless every rank holds the same `params` (one all-reduce of a
+    checksum and one host sync: call it once, e.g. after the first step). `what` names the
+    likely cause in the message."""
+    if not (_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        weights = torch.arange(1, len(params) + 1, dtype=torch.float64, device=params[0].device)
+        sums = torch.stack([p.detach().double().sum() for p in params])
+        checksum = torch.stack([(sums * weights).sum()] * 2)
+        checksum[1].neg_()  # max of -x is -min of x: both extremes in one all-reduce
+        dist.all_reduce(checksum, op=dist.ReduceOp.MAX)
+        spread = float(checksum[0] + checksum[1])
+    if spread != 0.0:
+        raise RuntimeError(f"the ranks hold different parameters ({what})")
