@@ -1,4 +1,4 @@
-"""How big is VRAdam's velocity s_t on each task, under each measure? (issue 7, part 2)
+"""How big is VRAdam's velocity s_t on each task, under each measure?
 
 Trains (a) the default GFlowNet (`python train.py`: 8x8 hypergrid, MLP policy) and (b) a
 DDPM epsilon-prediction step on a diffusers UNet2DModel (block_out_channels (32, 64, 64), 16x16

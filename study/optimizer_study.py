@@ -1,4 +1,4 @@
-"""The optimizer study (issue 7): every optimizer on every task, a few seeds over a small lr sweep.
+"""The optimizer study: every optimizer on every task, a few seeds over a small lr sweep.
 
     python study/optimizer_study.py run --jobs 2        # Hydra multiruns into study_runs/
     python study/optimizer_study.py collect             # docs/results.md and docs/figures/study_*
