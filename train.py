@@ -47,8 +47,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     task = build_task(cfg, run_dir)
     optimizer = build_optimizer(cfg.optim, task.param_groups())
     train_config = TrainConfig(**cfg.train).validate()
-    # Validated before the progress bar starts.
-    monitor = MonitorConfig.from_dict(cfg.monitor) if "monitor" in cfg else None
+    monitor = MonitorConfig.from_dict(cfg.monitor)  # validated before the progress bar starts
     logger = RunLogger(run_dir, cfg.train.steps, progress=cfg.logging.progress)
     try:
         metrics = train(

@@ -95,7 +95,7 @@ class DDPMTask(Task):
 
     items_name = "images"
     progress_keys = ("fd_ratio",)
-    summary_keys = ("fd", "fd_ratio", "confidence", "class_entropy", "loss", "images_per_sec")
+    summary_keys = ("loss", "fd", "fd_ratio", "confidence", "class_entropy", "images_per_sec")
     objective_key = "fd_ratio"
 
     def __init__(

@@ -103,3 +103,13 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
     done = _train(f"hydra.run.dir={tmp_path}", override)
     assert done.returncode == 2
     assert done.stderr.strip() == message
+
+
+def test_the_schemas_reject_a_wrong_type_before_the_run(tmp_path):
+    """Hydra checks the composed config against kinetic/config.py's schemas (its own message,
+    exit code 1); tests/kinetic/test_config.py covers the schemas in-process."""
+    done = _train(f"hydra.run.dir={tmp_path}", "train.steps=abc")
+    assert done.returncode == 1
+    assert "Value 'abc' of type 'str' could not be converted to Integer" in done.stderr
+    assert "full_key: train.steps" in done.stderr
+    assert not (tmp_path / "metrics.json").exists()
