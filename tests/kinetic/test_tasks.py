@@ -36,7 +36,7 @@ class _Regression(Task):
 
     def evaluate(self, step):
         self.evaluations.append(step)
-        return {"weight_norm": float(self.model.weight.norm())}
+        return {"weight_norm": float(self.model.weight.detach().norm())}
 
     def state_dict(self):
         return self.model.state_dict()
