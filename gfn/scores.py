@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from envs.base import Env
-from gfn.policies import GFlowNet, PolicyOutput, masked_log_softmax, uniform_log_probs
+from gfn.policies import GFlowNet, PolicyOutput, masked_log_softmax
 from gfn.sampler import PAD_ACTION, Trajectories, _unique_states
 
 __all__ = [
@@ -168,7 +168,7 @@ def exit_scores(
         example = states[cannot_exit.nonzero()[0, 0]]
         raise ValueError(
             f"The 'mdb' loss needs every state to be terminal, but {type(env).__name__} "
-            f"forbids the exit action at {int(cannot_exit.sum())} visited state(s), e.g. "
+            f"forbids the exit action at {int(cannot_exit.sum())} distinct visited state(s), e.g. "
             f"{example.tolist()}; use 'tb', 'db', 'subtb', 'zvar' or 'fm' with this environment"
         )
     out: PolicyOutput = gflownet(env.featurize(states))
@@ -183,11 +183,12 @@ def exit_scores(
     batch = actions.shape[1]
     prev = torch.cat([actions.new_full((1, batch), PAD_ACTION), actions[:-1]])[visited]  # (N,)
     backward_mask = env.backward_mask(states)  # (V, A - 1)
-    if out.pb_logits is None:
-        log_pb_all = uniform_log_probs(backward_mask).to(log_pf.dtype)  # (V, A - 1)
+    if out.pb_logits is None:  # uniform: -log(number of parents), in the policy's dtype
+        flat_log_pb = -torch.log(backward_mask.sum(dim=1).to(log_pf.dtype))[inverse]  # (N,)
     else:
         log_pb_all = masked_log_softmax(out.pb_logits, backward_mask)  # (V, A - 1)
-    flat_log_pb = torch.where(prev >= 0, log_pb_all[inverse, prev.clamp(min=0)], 0.0)  # (N,)
+        flat_log_pb = log_pb_all[inverse, prev.clamp(min=0)]  # (N,)
+    flat_log_pb = torch.where(prev >= 0, flat_log_pb, 0.0)  # (N,), s0 has no parent
     log_pb_states = _scatter_visited(flat_log_pb, visited)  # (T, B)
     log_pb = torch.cat([log_pb_states[1:], log_pb_states.new_zeros(1, batch)])  # (T, B)
     return ExitScores(log_pf, log_pb, log_pf_exit, log_rewards)
