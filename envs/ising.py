@@ -248,7 +248,7 @@ class Ising(Env):
             (mean E(x)/N) and ``abs_magnetisation`` (mean |Σ_i x_i|/N); for
             L ≤ `transfer_max_side` also ``mean_log_reward_gap``, the exact mean log-reward
             under R/Z minus the sampled one (a perfect sampler gives 0 ± the sampling error,
-            std(log R)/√M).
+            std(log R)/√M), and ``exact_log_z``, to read the learned log Z against.
         """
         log_r = self.log_reward(samples).double()  # (M,)
         metrics = {
@@ -258,12 +258,13 @@ class Ising(Env):
         }
         side = self.L
         if side <= self.transfer_max_side:
-            metrics["mean_log_reward_gap"] = (
-                self._exact_mean_log_reward() - metrics["mean_log_reward"]
-            )
+            exact_log_z, exact_mean = self._exact_references()
+            metrics["mean_log_reward_gap"] = exact_mean - metrics["mean_log_reward"]
+            metrics["exact_log_z"] = exact_log_z
         return metrics
 
-    def _exact_mean_log_reward(self) -> float:
-        if not hasattr(self, "_mean_log_reward_cache"):
-            self._mean_log_reward_cache = self.exact_mean_log_reward()
-        return self._mean_log_reward_cache
+    def _exact_references(self) -> tuple[float, float]:
+        """(exact log Z, exact mean log-reward), computed on first use and kept."""
+        if not hasattr(self, "_references"):
+            self._references = (self.exact_log_z(), self.exact_mean_log_reward())
+        return self._references

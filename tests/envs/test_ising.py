@@ -133,6 +133,7 @@ def test_sampled_metrics_of_the_ground_state() -> None:
     assert metrics["energy_per_spin"] == pytest.approx(-2 * 32 / 16)
     assert metrics["abs_magnetisation"] == 1.0
     assert metrics["mean_log_reward_gap"] == pytest.approx(env.exact_mean_log_reward() - 16.0)
+    assert metrics["exact_log_z"] == env.exact_log_z()
     assert "mean_log_reward_gap" not in Ising(L=11).sampled_metrics(
         torch.ones(2, 121, dtype=torch.long), lambda x: x
     )
