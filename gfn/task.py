@@ -22,10 +22,11 @@ from gfn.evaluation import (
     terminal_index,
     true_terminal_distribution,
 )
-from gfn.losses import get_loss
+from gfn.losses import SCORERS, get_loss
 from gfn.policies import GFlowNet, MLPPolicy, masked_log_softmax
 from gfn.replay import ReplayBuffer
 from gfn.sampler import Trajectories, sample_trajectories, trajectory_log_probs
+from gfn.scores import implied_log_z
 from gfn.state_dag import has_modes, implements, is_enumerable
 from kinetic.task import Task
 
@@ -192,8 +193,7 @@ class GFlowNetTask(Task):
             self.replay.add(batch)
             if old is not None:
                 batch = Trajectories.concatenate([batch, old])
-        log_probs = trajectory_log_probs(self.model, self.env, batch)
-        loss = self.loss_fn(log_probs, batch, self.model.log_z)
+        loss = self.loss_fn(self._score(batch), batch, self.model.log_z)
         extras = {"train/log_z": self.model.log_z.detach()} if self.loss_name == "tb" else {}
         return loss, extras
 
@@ -205,9 +205,13 @@ class GFlowNetTask(Task):
         batch = sample_trajectories(
             self.model, self.env, self.batch_size, generator, self.epsilon, self.temperature
         )
-        return self.loss_fn(
-            trajectory_log_probs(self.model, self.env, batch), batch, self.model.log_z
-        )
+        return self.loss_fn(self._score(batch), batch, self.model.log_z)
+
+    def _score(self, batch: Trajectories) -> Any:
+        """What the loss scores: its own scorer's output (fm, mdb), else the log-probs."""
+        if self.loss_name in SCORERS:
+            return SCORERS[self.loss_name](self.model, self.env, batch)
+        return trajectory_log_probs(self.model, self.env, batch)
 
     @torch.no_grad()
     def _log_pf(self, states: Tensor) -> Tensor:
@@ -217,7 +221,10 @@ class GFlowNetTask(Task):
     @torch.no_grad()
     def log_z(self) -> Tensor | None:
         """The model's estimate of log Z: the learned scalar for TB, log F(s0) for flow losses,
-        none for the log-partition variance loss (which learns no log Z)."""
+        none for the log-partition variance loss (which learns no log Z), and for fm and mdb
+        the one their flows imply (`gfn.scores.implied_log_z`)."""
+        if self.loss_name in SCORERS:
+            return implied_log_z(self.loss_name, self.model, self.env)
         if self.loss_name in _FLOW_LOSSES:
             s0 = self.env.initial_states(1)
             return self.model(self.env.featurize(s0)).log_flow[0]

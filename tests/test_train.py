@@ -96,7 +96,7 @@ def test_eta_ratio_is_against_the_lr_of_the_same_step(tmp_path):
     ("override", "message"),
     [
         ("optim.lr=-1", "error: Invalid lr: -1; expected a float in (0, inf)"),
-        ("loss.name=foo", "error: Unknown loss: 'foo'; valid: tb, db, subtb, zvar"),
+        ("loss.name=foo", "error: Unknown loss: 'foo'; valid: tb, db, subtb, zvar, fm, mdb"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
