@@ -20,6 +20,7 @@ from torch import Tensor
 from diffusion.data import BatchSampler, ImageData, build_dataset
 from diffusion.quality import DigitQuality, cached_classifier
 from diffusion.sampling import build_sampler, image_grid, sample_images, save_grid
+from kinetic import distributed
 from kinetic.config import TrainConfig
 from kinetic.task import Task
 
@@ -82,7 +83,8 @@ class DDPMTask(Task):
         data: the images (`diffusion.data.build_dataset`); `data.train` (N, C, R, R) in [-1, 1].
         model: the UNet2DModel (`build_unet`), sized for the data's channels and resolution.
         noise_scheduler: the training noise schedule (`build_noise_scheduler`).
-        batch_size: images per step.
+        batch_size: images per step, over all ranks of a distributed run (each rank draws
+            batch_size / world_size of them).
         ema: the EMA of the weights (diffusers' EMAModel on `model`); None: EMAModel with
             the `task=ddpm` preset's settings.
         sampler: the evaluation sampler, ddpm | ddim.
@@ -90,7 +92,8 @@ class DDPMTask(Task):
         grid_samples: samples shown in the image grid.
         quality: the digit quality metrics (`DigitQuality`), None for none.
         run_dir: where samples/step_XXXXXX.png grids are saved; None: not saved.
-        seed: seeds the training stream and (seed + 1) the evaluation samples.
+        seed: seeds the training stream (rank r of a distributed run:
+            `distributed.rank_seed(seed, r)`) and (seed + 1) the evaluation samples.
     """
 
     items_name = "images"
@@ -125,8 +128,13 @@ class DDPMTask(Task):
                 power=0.75, foreach=True,
             )  # fmt: skip
         self.ema = ema
-        self.generator = torch.Generator(device=images.device).manual_seed(seed)
-        self.batches = BatchSampler(images, batch_size, self.generator)
+        # Each rank draws its share of the global batch from the whole set, with replacement,
+        # from its own stream: together the ranks draw a global batch as one process would.
+        self.generator = torch.Generator(device=images.device).manual_seed(
+            distributed.rank_seed(seed)
+        )
+        local_batch = distributed.per_rank(batch_size, "task.batch_size")
+        self.batches = BatchSampler(images, local_batch, self.generator)
         self.items_per_step = batch_size
         self.seed = seed
 
@@ -155,7 +163,7 @@ class DDPMTask(Task):
         # The sampler is validated before the quality classifier is trained (seconds).
         build_sampler(tc.sampling.scheduler, noise_scheduler, tc.sampling.steps)
         quality = None
-        if data.name == "digits" and tc.quality:
+        if data.name == "digits" and tc.quality and distributed.is_main_process():  # evaluates
             classifier = cached_classifier(tc.cache_dir, data.labeled, data.labels, cfg.seed)
             quality = DigitQuality(classifier, data.heldout_a, data.heldout_b)
         return cls(
@@ -190,7 +198,7 @@ class DDPMTask(Task):
         # Forward process (Ho et al., eq. 4): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) ε.
         abar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        prediction = self.model(x_t, t).sample
+        prediction = self.train_model(x_t, t).sample  # DDP in a distributed run
         return F.mse_loss(prediction, noise), {}
 
     def after_step(self, step: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from gfn.replay import ReplayBuffer
 from gfn.sampler import Trajectories, sample_trajectories, trajectory_log_probs
 from gfn.scores import implied_log_z
 from gfn.state_dag import has_modes, implements, is_enumerable
+from kinetic import distributed
 from kinetic.task import Task
 
 # Losses that score state flows log F(s), so the policy needs a flow head.
@@ -80,7 +82,8 @@ class GFlowNetTask(Task):
             policy with a flow head (`MLPPolicy(..., flow_head=True)`).
         loss: the loss name (gfn/losses.py: tb, db, subtb, zvar).
         loss_options: the loss's own arguments, e.g. ``{"lamda": 0.9}`` for subtb.
-        batch_size: trajectories per step.
+        batch_size: trajectories per step, over all ranks of a distributed run (each rank
+            samples batch_size / world_size of them).
         log_z_lr: log Z's own learning rate (None: the optimizer's).
         log_z_beta3: VRAdam's velocity penalty for log Z's group (None: the optimizer's;
             other optimizers ignore it).
@@ -88,9 +91,10 @@ class GFlowNetTask(Task):
             log-probs).
         temperature: softmax temperature of the sampling policy.
         eval_samples: policy samples per evaluation, for environments without exact metrics.
-        replay: a `ReplayBuffer` on `env` (None: on-policy only).
+        replay: a `ReplayBuffer` on `env` (None: on-policy only); one per rank.
         replay_fraction: share of each batch drawn from `replay`, in (0, 1).
-        seed: seeds the training stream (`generator`) and, with seed + 1, the evaluation's.
+        seed: seeds the training stream (`generator`; rank r of a distributed run draws from
+            `distributed.rank_seed(seed, r)`) and, with seed + 1, the evaluation's.
     """
 
     items_name = "trajectories"
@@ -122,13 +126,14 @@ class GFlowNetTask(Task):
         self.model = model
         self.loss_fn = get_loss(loss, **dict(loss_options or {}))
         self.loss_name = loss
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # global: split over the ranks of a distributed run
+        self.local_batch_size = distributed.per_rank(batch_size, "task.batch_size")
         self.epsilon, self.temperature = epsilon, temperature
         self.log_z_lr = log_z_lr
         self.log_z_beta3 = log_z_beta3
         device = self.env.s0.device
         self.seed = seed
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(seed))
         # Evaluation draws from its own stream, so evaluating never changes the training run.
         self.eval_generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.eval_samples = eval_samples
@@ -141,7 +146,7 @@ class GFlowNetTask(Task):
                     f"Invalid task.replay.fraction: {replay_fraction}; expected (0, 1)"
                 )
             self.replay = replay
-            self.n_replay = round(batch_size * replay_fraction)
+            self.n_replay = round(self.local_batch_size * replay_fraction)
         self.items_per_step = self.batch_size
 
         self.found_targets: Tensor | None = None  # for envs with mode_hits, (n_targets,) bool
@@ -160,7 +165,9 @@ class GFlowNetTask(Task):
         model = GFlowNet(build_policy(cfg, env), log_z_init=tc.log_z_init)
         replay = None
         if tc.replay.capacity > 0 and tc.replay.fraction > 0:
-            replay = ReplayBuffer(env, tc.replay.capacity, tc.replay.priority)
+            # One buffer per rank, of the rank's share of the capacity (see docs/distributed.md).
+            capacity = math.ceil(tc.replay.capacity / distributed.world_size())
+            replay = ReplayBuffer(env, capacity, tc.replay.priority)
         return cls(
             env, model, cfg.loss.name,
             loss_options={k: v for k, v in cfg.loss.items() if k != "name"},
@@ -180,7 +187,7 @@ class GFlowNetTask(Task):
         # Off-policy share of the batch: as many replayed trajectories as the buffer can give.
         n_old = 0 if self.replay is None else min(self.n_replay, len(self.replay))
         batch = sample_trajectories(
-            self.model, self.env, self.batch_size - n_old, self.generator,
+            self.model, self.env, self.local_batch_size - n_old, self.generator,
             self.epsilon, self.temperature,
         )  # fmt: skip
         if self.enumerable:  # which terminal states the run has drawn, without a host sync
@@ -193,7 +200,9 @@ class GFlowNetTask(Task):
             self.replay.add(batch)
             if old is not None:
                 batch = Trajectories.concatenate([batch, old])
-        loss = self.loss_fn(self._score(batch), batch, self.model.log_z)
+        # The one gradient-carrying forward pass goes through `train_model` (DDP in a
+        # distributed run); log Z enters the loss outside it, and DDP averages its gradient too.
+        loss = self.loss_fn(self._score(batch, self.train_model), batch, self.model.log_z)
         extras = {"train/log_z": self.model.log_z.detach()} if self.loss_name == "tb" else {}
         return loss, extras
 
@@ -203,15 +212,23 @@ class GFlowNetTask(Task):
         buffer left as they were, so a probed run trains exactly as an unprobed one."""
         generator = torch.Generator(device=self.env.s0.device).manual_seed(self.seed + 7919 * step)
         batch = sample_trajectories(
-            self.model, self.env, self.batch_size, generator, self.epsilon, self.temperature
+            self.model, self.env, self.local_batch_size, generator, self.epsilon, self.temperature
         )
-        return self.loss_fn(self._score(batch), batch, self.model.log_z)
+        return self.loss_fn(self._score(batch, self.model), batch, self.model.log_z)
 
-    def _score(self, batch: Trajectories) -> Any:
-        """What the loss scores: its own scorer's output (fm, mdb), else the log-probs."""
+    def _score(self, batch: Trajectories, model: torch.nn.Module) -> Any:
+        """What the loss scores, through `model`: its own scorer's output (fm, mdb), else the
+        log-probs."""
         if self.loss_name in SCORERS:
-            return SCORERS[self.loss_name](self.model, self.env, batch)
-        return trajectory_log_probs(self.model, self.env, batch)
+            return SCORERS[self.loss_name](model, self.env, batch)
+        return trajectory_log_probs(model, self.env, batch)
+
+    def gather_from_ranks(self) -> None:
+        """The terminal states and targets any rank has drawn (two all-reduces)."""
+        if self.enumerable:
+            self.visited = distributed.any_over_ranks(self.visited)
+        if self.found_targets is not None:
+            self.found_targets = distributed.any_over_ranks(self.found_targets)
 
     @torch.no_grad()
     def _log_pf(self, states: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kinetic import distributed
 from kinetic.checkpoint import save_checkpoint
 from kinetic.config import TrainConfig
 from kinetic.logging import RunLogger
@@ -124,7 +125,13 @@ def train(
         run_config = {"train": asdict(tc), "monitor": None if monitor is None else asdict(monitor)}
     schedule = task.lr_schedule(optimizer, tc)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Several processes (torchrun): DDP averages the gradients; rank 0 alone watches, evaluates
+    # and writes (train.py gives the other ranks a NullLogger). See docs/distributed.md.
+    task.train_model = distributed.data_parallel(task.model)
+    main = distributed.is_main_process()
     stability_monitor, guard = _build_monitors(monitor, task, optimizer, tc.log_every)
+    if not main:
+        stability_monitor = None
     metrics: dict[str, float] = {}
     start = time.perf_counter()
     eval_time = 0.0  # excluded from the throughput
@@ -139,6 +146,9 @@ def train(
         # needs it.
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # The global batch's loss (one all-reduce; the local loss itself in one process): a
+        # non-finite loss on any rank then skips the step on every rank.
+        loss = distributed.mean_over_ranks(loss)
         logging_step = step % tc.log_every == 0 or step == tc.steps
         needs_norm = guard is not None or stability_monitor is not None
         if tc.clip_grad_norm > 0 or logging_step or needs_norm:
@@ -163,6 +173,8 @@ def train(
             stability_monitor.before_step(step)
         lr = optimizer.param_groups[0]["lr"]  # this step's alpha_0, before the schedule moves it
         optimizer.step()
+        if step == 1:  # one sync: a loss that bypassed task.train_model left the ranks apart
+            distributed.check_in_sync(params, "the task's loss must call task.train_model")
         schedule.step()
         task.after_step(step)
         logger.progress(1)
@@ -201,7 +213,9 @@ def train(
         # Evaluate (not counted in the training throughput).
         if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
             eval_start = time.perf_counter()
-            metrics = task.evaluate(step)
+            if distributed.is_distributed():
+                task.gather_from_ranks()
+            metrics = task.evaluate(step) if main else {}
             logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
             if log_images:
                 for tag, image in task.images(step).items():
@@ -229,6 +243,7 @@ def train(
     }
     if guard is not None:
         final["nonfinite_skips"] = float(guard.total_skips)
+    final = distributed.agree(final)  # rank 0's evaluation, on every rank
     logger.write_metrics(final)
     _checkpoint(task, optimizer, run_config, logger, tc.steps)
     if not math.isfinite(final["loss"]):

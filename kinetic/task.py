@@ -42,6 +42,13 @@ class Task(ABC):
     - `objective_key` (str or None): the final metric a Hydra sweeper minimises.
     - `generator` (torch.Generator or None): the stream the task's batches are drawn from; the
       default `probe_loss` restores it so that a sharpness probe never moves the run.
+    - `train_model` (nn.Module): what `loss` calls for its gradient-carrying forward pass:
+      `model` itself, or in a distributed run the DistributedDataParallel around it, which
+      `train` sets (`kinetic.distributed.data_parallel`). Sampling and evaluation call `model`.
+
+    In a distributed run (torchrun) every rank builds the same task; the task draws its
+    batches from `kinetic.distributed.rank_seed(seed)` and its share of the global batch
+    (`kinetic.distributed.per_rank`), and only rank 0 evaluates.
     """
 
     model: torch.nn.Module
@@ -51,6 +58,14 @@ class Task(ABC):
     summary_keys: tuple[str, ...] = ("loss",)
     objective_key: str | None = None
     generator: torch.Generator | None = None
+
+    @property
+    def train_model(self) -> torch.nn.Module:
+        return self.__dict__.get("_train_model", self.model)
+
+    @train_model.setter
+    def train_model(self, module: torch.nn.Module) -> None:
+        self.__dict__["_train_model"] = module
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], run_dir: str | Path | None = None) -> Task:
@@ -78,6 +93,12 @@ class Task(ABC):
     def images(self, step: int) -> dict[str, np.ndarray]:
         """Images to log at evaluation, (H, W, 3) in [0, 1]. Default: none."""
         return {}
+
+    def gather_from_ranks(self) -> None:
+        """Runs on every rank before rank 0 evaluates, in a distributed run: merge what each
+        rank recorded on its own (e.g. the states it visited), so that rank 0's evaluation
+        covers the whole run. Default: nothing to merge."""
+        return None
 
     def after_step(self, step: int) -> None:
         """Runs after every applied optimizer step (e.g. an EMA of the weights). Default: no-op."""
