@@ -60,13 +60,13 @@ def main() -> None:
     items = next(k for k in rows[0][1] if k.endswith("_per_sec"))
     firsts = [m[items] for n, m in rows if n == args.nproc[0]]
     ref = sum(firsts) / len(firsts)  # the mean throughput of the first N
-    print(f"{'N':>2} {'wall_s':>7} {'launch_s':>8} {items:>22} {'speedup':>7} {'loss':>8} "
-          f"{'l1':>7} {'events':>6} {'load':>5}")  # fmt: skip
+    print(f"{'N':>2} {'wall_s':>7} {'launch_s':>8} {items:>22} {'speedup':>7} {'loss':>9} "
+          f"{'l1':>9} {'events':>6} {'load':>5}")  # fmt: skip
     for nproc, m in rows:
         l1 = m.get("l1", float("nan"))
         print(
             f"{nproc:>2} {m['wall_time_s']:>7.1f} {m['launch_s']:>8.1f} {m[items]:>22.1f} "
-            f"{m[items] / ref:>7.2f} {m['loss']:>8.4f} {l1:>7.4f} {m['event_files']:>6} "
+            f"{m[items] / ref:>7.2f} {m['loss']:>9.3g} {l1:>9.3g} {m['event_files']:>6} "
             f"{m['load']:>5.1f}"
         )
 

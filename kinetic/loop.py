@@ -217,7 +217,7 @@ def train(
                 task.gather_from_ranks()
             metrics = task.evaluate(step) if main else {}
             logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-            if log_images:
+            if log_images and main:
                 for tag, image in task.images(step).items():
                     logger.image(step, f"eval/{tag}", image)
             logger.postfix(**{k: metrics[k] for k in task.progress_keys if k in metrics})
