@@ -96,11 +96,12 @@ def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 1800.0)
     """Join the process group torchrun describes in the environment; True when distributed.
 
     The backend follows the device: gloo for CPU tensors, nccl for CUDA (the rank's GPU, see
-    :func:`device_for_rank`, becomes the current device first). A no-op returning False outside
-    torchrun or with WORLD_SIZE=1, and returning True when a group already exists (a caller
-    that manages its own). `timeout_s` bounds every collective, so a rank that died makes the
-    others fail instead of hanging; it must exceed the longest stretch one rank works alone
-    (rank 0's evaluations), hence the long default.
+    :func:`device_for_rank`, becomes the current device first, so tensors created on plain
+    ``"cuda"`` land on it); ``"auto"`` means CUDA where available, else CPU. A no-op
+    returning False outside torchrun or with WORLD_SIZE=1, and returning True when a group
+    already exists (a caller that manages its own). `timeout_s` bounds every collective, so a
+    rank that died makes the others fail instead of hanging; it must exceed the longest
+    stretch one rank works alone (rank 0's evaluations), hence the long default.
     """
     if _initialized():
         return dist.get_world_size() > 1
@@ -112,6 +113,8 @@ def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 1800.0)
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set; start "
             "distributed runs with torchrun (python -m torch.distributed.run), which sets them"
         )
+    if device == "auto":  # the run's device setting: CUDA where there is one
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = device_for_rank(device)
     if device.type not in BACKENDS:
         raise ValueError(

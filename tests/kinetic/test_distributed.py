@@ -88,3 +88,14 @@ def test_single_process_wrappers_are_identities(torchrun_env) -> None:
     assert distributed.data_parallel(model) is model
     x = torch.tensor(3.0)
     assert distributed.mean_over_ranks(x) is x
+
+
+def test_auto_device_resolves_before_the_backend(torchrun_env, monkeypatch) -> None:
+    torchrun_env(0, 2)
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: calls.append(a))
+    assert distributed.init_from_env("auto") is True
+    assert calls == [("gloo",)]
