@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kinetic import RunLogger, train
+from kinetic.logging import config_hparams
 from kinetic.stability.guard import NonFiniteError
 from kinetic.stability.monitors import MonitorConfig
 from optim import build_optimizer
@@ -64,6 +65,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if "monitor" in cfg:  # validated before the progress bar starts (the loop builds it)
         MonitorConfig.from_dict(cfg.monitor)
     logger = RunLogger(run_dir, cfg.train.steps, progress=cfg.logging.progress)
+    hydra_cfg = HydraConfig.get()  # the HParams tab: this run's overrides and group choices
+    logger.hparams(config_hparams(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices))
     if not cfg.logging.images:
         task.images = lambda step: {}
     try:
