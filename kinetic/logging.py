@@ -99,7 +99,8 @@ def config_hparams(
     multirun job its own values), with its resolved value from `cfg`, plus the groups and leaves
     in `_GROUPS`/`_LEAVES` that exist in `cfg`. A config group (`optim=adamw`) is recorded by
     the option chosen (`choices`: `HydraConfig.get().runtime.choices`; without it, the group's
-    `name` key). Overrides of `hydra.*` and deletions (`~key`) are left out.
+    `name` key). Overrides of `hydra.*` and `logging.*` (they change no result) and deletions
+    (`~key`) are left out.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -107,7 +108,7 @@ def config_hparams(
     keys = [*_GROUPS, *_LEAVES]
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
-        if override.is_delete() or key == "hydra" or key.startswith("hydra."):
+        if override.is_delete() or key.split(".")[0] in ("hydra", "logging"):
             continue
         if key not in keys:
             keys.append(key)
