@@ -307,3 +307,24 @@ def test_config_defaults_match_the_yaml():
 def test_config_validation_messages(node, error, message):
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
         MonitorConfig.from_dict(node)
+
+
+def test_probe_leaves_out_the_threshold_when_the_lr_is_negligible():
+    """GD on the quadratic: c = 2, so the threshold is 2 / lr while lr is not negligible; at the
+    end of a decay (lr 1e-9 of a run that started at 0.1) only the eigenvalues are reported."""
+    a = _quadratic()
+    x = torch.nn.Parameter(torch.ones(len(SPECTRUM), dtype=torch.float64))
+    opt = torch.optim.SGD([x], lr=0.1)
+    monitor = StabilityMonitor(MonitorConfig(sharpness_every=1, sharpness_iters=30), opt)
+    loss_fn = lambda: 0.5 * x @ a @ x  # noqa: E731
+    _run(monitor, opt, loss_fn, 1)
+    values = monitor.probe(loss_fn)
+    assert values["stability/eos_threshold"] == pytest.approx(2 / 0.1)
+    assert values["stability/eos_ratio"] == pytest.approx(10.0 / 20.0, rel=0.01)
+    for lr, shown in ((1e-3, True), (1e-9, False)):
+        opt.param_groups[0]["lr"] = lr
+        _run(monitor, opt, loss_fn, 1, start=2)
+        values = monitor.probe(loss_fn)
+        assert values["stability/sharpness"] == pytest.approx(10.0, rel=0.01)
+        assert ("stability/eos_threshold" in values) is shown
+        assert ("stability/eos_ratio" in values) is shown
