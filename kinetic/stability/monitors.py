@@ -167,7 +167,9 @@ def spike_z_scores(
     """
     history = x.unfold(0, window, 1)[-last - 1 : -1]  # (last, C, window)
     median = history.median(dim=2).values  # (last, C); the lower median, so asinh commutes
-    reference = torch.maximum(reference, median.abs().cummax(dim=0).values)  # (last, C)
+    # A non-finite median (guard off) must not poison the reference for the rest of the run.
+    finite = median.abs().nan_to_num(nan=0.0, posinf=0.0)
+    reference = torch.maximum(reference, finite.cummax(dim=0).values)  # (last, C)
     eps = (floor * reference).clamp_min(torch.finfo(x.dtype).tiny)  # (last, C)
     center = torch.asinh(median / eps)  # (last, C)
     mad = (torch.asinh(history / eps[..., None]) - center[..., None]).abs().median(dim=2).values
