@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,39 +34,35 @@ __all__ = ["FINAL_PREFIX", "STABILITY_LAYOUT", "RunLogger", "config_hparams"]
 
 HParam = bool | int | float | str
 
-# The Custom Scalars dashboard: one category, charts of tags matched by anchored regexes.
-# Tags absent from a run (e.g. VRAdam's eta_t under AdamW, the probe with monitor=off) leave
-# their chart empty.
+# The Custom Scalars dashboard: one category of charts, each of the tags it names (matched
+# exactly). Tags absent from a run (VRAdam's eta_t under AdamW, the sharpness probe with
+# monitor=off) leave their chart empty.
+_CHARTS: dict[str, tuple[str, ...]] = {
+    "loss": ("train/loss",),
+    "spike scores (robust z, log scale) of loss and gradient norm": (
+        "stability/loss_z",
+        "stability/grad_norm_z",
+    ),
+    "gradient norm (before clipping)": ("train/grad_norm",),
+    "successive updates: cosine, sign-flip share, oscillating share": (
+        "stability/update_cos",
+        "stability/sign_flip_frac",
+        "stability/oscillating",
+    ),
+    "step size: lr (alpha_0) and VRAdam's eta_t": ("train/lr", "optim/eta"),
+    "VRAdam: eta_t / alpha_0 and velocity ||m_t||": ("optim/eta_ratio", "optim/velocity_norm"),
+    "update size: ||u_t|| / ||theta_t||": ("stability/update_to_weight",),
+    "sharpness (preconditioned) vs edge-of-stability threshold": (
+        "stability/precond_sharpness",
+        "stability/eos_threshold",
+    ),
+    "edge-of-stability ratio and plain sharpness": ("stability/eos_ratio", "stability/sharpness"),
+    "non-finite steps skipped": ("stability/nonfinite_skips",),
+}
 STABILITY_LAYOUT: dict[str, dict[str, list[Any]]] = {
     "stability": {
-        "loss": ["Multiline", [r"^train/loss$"]],
-        "spike z-scores (robust, log scale) of loss and gradient norm": [
-            "Multiline",
-            [r"^stability/loss_z$", r"^stability/grad_norm_z$"],
-        ],
-        "gradient norm (before clipping)": ["Multiline", [r"^train/grad_norm$"]],
-        "successive updates: cosine, sign-flip share, oscillating share": [
-            "Multiline",
-            [r"^stability/update_cos$", r"^stability/sign_flip_frac$", r"^stability/oscillating$"],
-        ],
-        "step size: lr (alpha_0) and VRAdam's eta_t": [
-            "Multiline",
-            [r"^train/lr$", r"^optim/eta$"],
-        ],
-        "VRAdam: eta_t / alpha_0 and velocity ||m_t||": [
-            "Multiline",
-            [r"^optim/eta_ratio$", r"^optim/velocity_norm$"],
-        ],
-        "update size: ||u_t|| / ||theta_t||": ["Multiline", [r"^stability/update_to_weight$"]],
-        "sharpness (preconditioned) vs edge-of-stability threshold": [
-            "Multiline",
-            [r"^stability/precond_sharpness$", r"^stability/eos_threshold$"],
-        ],
-        "edge-of-stability ratio and plain sharpness": [
-            "Multiline",
-            [r"^stability/eos_ratio$", r"^stability/sharpness$"],
-        ],
-        "non-finite steps skipped": ["Multiline", [r"^stability/nonfinite_skips$"]],
+        title: ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
+        for title, tags in _CHARTS.items()
     }
 }
 
