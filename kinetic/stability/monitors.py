@@ -371,9 +371,10 @@ class StabilityMonitor:
         found: list[tuple[str, str]] = []
         if values.get("stability/oscillating", 0.0) > 0.0:
             found.append(("oscillation", (
-                f"oscillation: the mean cosine of the last {cfg.oscillation_window} successive "
-                f"updates is below monitor.oscillation_cos={cfg.oscillation_cos:g} "
-                f"(interval mean {values['stability/update_cos']:.3f})"
+                f"oscillation: the mean cosine of {cfg.oscillation_window} successive updates "
+                f"fell below monitor.oscillation_cos={cfg.oscillation_cos:g} for "
+                f"{values['stability/oscillating']:.0%} of this interval's update pairs "
+                f"(their mean cosine: {values['stability/update_cos']:.3f})"
             )))  # fmt: skip
         steps = "1 step" if cfg.spike_steps == 1 else f"{cfg.spike_steps} steps in a row"
         for key, what in (("loss_z", "loss"), ("grad_norm_z", "gradient norm")):

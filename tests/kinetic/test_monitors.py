@@ -259,8 +259,9 @@ def test_warnings_for_oscillation_and_edge_of_stability():
     values = {"stability/oscillating": 0.5, "stability/update_cos": -0.8}
     values |= {"stability/eos_ratio": 1.5, "stability/eos_threshold": 380.0}
     assert monitor.warnings(100, values) == [
-        "oscillation: the mean cosine of the last 20 successive updates is below "
-        "monitor.oscillation_cos=-0.5 (interval mean -0.800)",
+        "oscillation: the mean cosine of 20 successive updates fell below "
+        "monitor.oscillation_cos=-0.5 for 50% of this interval's update pairs "
+        "(their mean cosine: -0.800)",
         "edge of stability: sharpness is 1.50x the stability threshold 380",
     ]
 
