@@ -151,9 +151,8 @@ def _measure_norms(
         if moments_updated:
             denom = torch._foreach_sqrt(exp_avg_sqs)
         else:
-            denom = torch._foreach_mul(grads, grads)
-            torch._foreach_mul_(denom, 1 - beta2)
-            torch._foreach_add_(denom, torch._foreach_mul(exp_avg_sqs, beta2))
+            denom = torch._foreach_mul(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(denom, grads, grads, value=1 - beta2)
             torch._foreach_sqrt_(denom)
         torch._foreach_div_(denom, bias_correction2_sqrt[a:b])
         torch._foreach_add_(denom, g.hyper["eps"])
