@@ -148,16 +148,8 @@ class VRAdam(Optimizer):
         check_float("weight_decay", weight_decay)
         check_options(norm, norm_source, velocity, norm_timing)
         check_choice("impl", impl, IMPLEMENTATIONS)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            beta3=beta3,
-            lr_cutoff=lr_cutoff,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults)
+        gate = dict(lr=lr, betas=tuple(betas), beta3=beta3, lr_cutoff=lr_cutoff)
+        super().__init__(params, gate | dict(eps=eps, weight_decay=weight_decay, maximize=maximize))
         self.norm = norm
         self.norm_source = norm_source
         self.velocity = velocity
