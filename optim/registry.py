@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
 from torch.optim import Optimizer
 
 from optim.adahb import AdaHBAdam, AdaHBSGD
 from optim.adamp import SGDP, AdamP
+from optim.adamw import AdamW
 from optim.kadam import KAdam
 from optim.vradam import VRAdam
 
@@ -17,7 +17,7 @@ __all__ = ["OPTIMIZERS", "build_optimizer", "register_optimizer"]
 
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "vradam": VRAdam,
-    "adamw": torch.optim.AdamW,
+    "adamw": AdamW,
     "adamp": AdamP,
     "sgdp": SGDP,
     "adahb_sgd": AdaHBSGD,
