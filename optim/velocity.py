@@ -23,6 +23,7 @@ __all__ = [
     "GroupTensors",
     "check_options",
     "learning_rates",
+    "measures",
 ]
 
 NORMS = ("global", "group")
@@ -80,8 +81,12 @@ def measures(
     "mean" and "precond" divide by the number of elements that entered the sum (a Python int).
     """
     dtype, device = accumulation_dtype(groups), home_device(groups)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    parts = [zero if s is None else s.to(device, dtype, non_blocking=True) for s in sums]
+    parts = [
+        torch.zeros((), dtype=dtype, device=device)
+        if s is None
+        else s.to(device, dtype, non_blocking=True)
+        for s in sums
+    ]
     counts = [sum(p.numel() for p in g.params) for g in groups]
     if norm == "global":
         total = torch.stack(parts).sum()

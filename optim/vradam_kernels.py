@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optim.velocity import GroupTensors, accumulation_dtype, gate, home_device, learning_rates
+from optim.velocity import (
+    GroupTensors,
+    accumulation_dtype,
+    gate,
+    home_device,
+    learning_rates,
+    measures,
+)
 
 __all__ = ["fused_vradam", "single_tensor_vradam"]
 
@@ -87,10 +94,11 @@ def single_tensor_vradam(
             term = torch.linalg.vector_norm(source, dtype=acc_dtype).square()
             sq = term if sq is None else sq + term
         sums.append(sq)
-    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     if lagged:
+        s = torch.stack(measures(groups, sums, norm=norm, velocity=velocity))
         keep_measure(groups, s)
         return eta, s
+    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     # Stage 2: the decayed, bias-corrected Adam step with learning rate eta_t.
     for i, g in enumerate(groups):
         for p, m, v, step in zip(g.params, g.exp_avgs, g.exp_avg_sqs, g.state_steps, strict=True):
@@ -220,10 +228,11 @@ def fused_vradam(
             g, norm_source=norm_source, velocity=velocity, moments_updated=lagged
         )
         sums.append(_sum_sq(norms))
-    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     if lagged:
+        s = torch.stack(measures(groups, sums, norm=norm, velocity=velocity))
         keep_measure(groups, s)
         return eta, s
+    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     for i, g in enumerate(groups):
         if g.params:
             _fused_adamw_step(g, new_eta[i])

@@ -36,7 +36,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from optim.velocity import GroupTensors, learning_rates
+from optim.velocity import GroupTensors, learning_rates, measures
 
 __all__ = ["BLOCK", "available", "triton_vradam"]
 
@@ -207,10 +207,11 @@ def triton_vradam(
         )  # fmt: skip
     k.reduce_kernel[(len(groups),)](plan.partials, plan.group_start, plan.sums, BLOCK=_REDUCE_BLOCK)
     sums = [plan.sums[i] if g.params else None for i, g in enumerate(groups)]
-    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     if lagged:
+        s = torch.stack(measures(groups, sums, norm=norm, velocity=velocity))
         keep_measure(groups, s)
         return eta, s
+    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     eta32 = new_eta.float()
     for b in plan.buckets:
         h = groups[b.group].hyper
