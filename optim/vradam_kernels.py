@@ -39,10 +39,15 @@ def lagged_rates(groups: list[GroupTensors]) -> Tensor:
     return torch.stack(etas)
 
 
-def keep_measure(groups: list[GroupTensors], s: Tensor) -> None:
-    """Store each group's s_t for the next lagged step (it goes into the optimizer's state_dict)."""
+def keep_measure(
+    groups: list[GroupTensors], sums: list[Tensor | None], *, norm: str, velocity: str
+) -> Tensor:
+    """s_t per group from this step's sums of squares, stored for the next lagged step (it goes
+    into the optimizer's state_dict with the param group); returns s_t, (n_groups,)."""
+    s = torch.stack(measures(groups, sums, norm=norm, velocity=velocity))
     for i, g in enumerate(groups):
         g.state["velocity_measure"] = s[i]
+    return s
 
 
 def _adam_direction(m: Tensor, v: Tensor, step: Tensor, hyper: dict) -> Tensor:
@@ -95,9 +100,7 @@ def single_tensor_vradam(
             sq = term if sq is None else sq + term
         sums.append(sq)
     if lagged:
-        s = torch.stack(measures(groups, sums, norm=norm, velocity=velocity))
-        keep_measure(groups, s)
-        return eta, s
+        return eta, keep_measure(groups, sums, norm=norm, velocity=velocity)
     new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     # Stage 2: the decayed, bias-corrected Adam step with learning rate eta_t.
     for i, g in enumerate(groups):
@@ -229,9 +232,7 @@ def fused_vradam(
         )
         sums.append(_sum_sq(norms))
     if lagged:
-        s = torch.stack(measures(groups, sums, norm=norm, velocity=velocity))
-        keep_measure(groups, s)
-        return eta, s
+        return eta, keep_measure(groups, sums, norm=norm, velocity=velocity)
     new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     for i, g in enumerate(groups):
         if g.params:

@@ -36,7 +36,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from optim.velocity import GroupTensors, learning_rates, measures
+from optim.velocity import GroupTensors, learning_rates
 
 __all__ = ["BLOCK", "available", "triton_vradam"]
 
@@ -208,9 +208,7 @@ def triton_vradam(
     k.reduce_kernel[(len(groups),)](plan.partials, plan.group_start, plan.sums, BLOCK=_REDUCE_BLOCK)
     sums = [plan.sums[i] if g.params else None for i, g in enumerate(groups)]
     if lagged:
-        s = torch.stack(measures(groups, sums, norm=norm, velocity=velocity))
-        keep_measure(groups, s)
-        return eta, s
+        return eta, keep_measure(groups, sums, norm=norm, velocity=velocity)
     new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     eta32 = new_eta.float()
     for b in plan.buckets:
