@@ -118,9 +118,9 @@ class VRAdam(Optimizer):
         impl: ``"reference"`` (a plain per-parameter loop), ``"fused"`` (torch's fused AdamW
             kernel driven by the tensor eta_t, the measure from cache-sized temporaries),
             ``"triton"`` (multi-tensor Triton kernels; fp32 moments for bf16/fp16 weights), or
-            ``"auto"``: triton on CUDA when triton is installed and every parameter is
-            fp32/bf16/fp16, else fused where every parameter is a floating-point tensor on a
-            device the fused kernel supports, else reference (default: "auto").
+            ``"auto"``: triton on CUDA when triton is installed and every parameter is a
+            dense fp32/bf16/fp16 tensor, else fused where every parameter is a floating-point
+            tensor on a device the fused kernel supports, else reference (default: "auto").
     """
 
     def __init__(
@@ -192,7 +192,11 @@ class VRAdam(Optimizer):
         if self.impl != "auto":
             return self.impl
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        on_cuda = params and all(p.is_cuda and p.dtype in _TRITON_DTYPES for p in params)
+        triton_ready = (
+            p.is_cuda and p.dtype in _TRITON_DTYPES and vradam_triton.layout(p) is not None
+            for p in params
+        )
+        on_cuda = params and all(triton_ready)
         if on_cuda and triton_available():
             return "triton"
         for p in params:

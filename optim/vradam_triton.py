@@ -102,6 +102,16 @@ def _key(groups: list[GroupTensors]) -> tuple:
     return tuple(key)
 
 
+def layout(t: Tensor) -> str | None:
+    """ "contiguous" or "channels_last" for a tensor whose elements fill its memory in one of
+    those orders (the kernels walk raw memory), else None."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return None
+
+
 def _check_tensors(g: GroupTensors, dtypes: dict) -> None:
     for p, grad, m, v, s in zip(
         g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.state_steps, strict=True
@@ -113,8 +123,12 @@ def _check_tensors(g: GroupTensors, dtypes: dict) -> None:
             )
         if m.dtype != torch.float32 or v.dtype != torch.float32 or s.dtype != torch.float32:
             raise TypeError("VRAdam impl='triton' keeps exp_avg, exp_avg_sq and step in float32")
-        if not (p.is_contiguous() and grad.is_contiguous() and m.is_contiguous()):
-            raise ValueError("VRAdam impl='triton' needs contiguous parameters and gradients")
+        layouts = {layout(x) for x in (p, grad, m, v)}
+        if None in layouts or len(layouts) > 1:
+            raise ValueError(
+                "VRAdam impl='triton' needs each parameter, its gradient and its moments in one "
+                "dense layout (all contiguous, or all channels_last)"
+            )
 
 
 def _plan(groups: list[GroupTensors], cache: dict) -> _Plan:
