@@ -73,13 +73,28 @@ _SGDP_HYPERPARAMETERS = (
 )  # fmt: skip
 
 
-def _keep_flags(states: list[dict], projected: list[Tensor]) -> None:
-    """Each parameter's 0-dim `projected` flag of the last step, in its state."""
-    for state, flag in zip(states, projected, strict=True):
-        state["projected"] = flag
+class _Projected(Optimizer):
+    """The step of AdamP and SGDP: gather, run the functional, keep each `projected` flag."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
+        loss = evaluate_closure(closure)
+        for group in self.param_groups:
+            lists = self._init_group(group)
+            projected = self._functional(lists, group)
+            for state, flag in zip(lists["states"], projected, strict=True):
+                state["projected"] = flag  # 0-dim bool: was this update projected?
+        return loss
+
+    def _init_group(self, group: dict) -> dict[str, list]:
+        raise NotImplementedError
+
+    def _functional(self, lists: dict[str, list], group: dict) -> list[Tensor]:
+        raise NotImplementedError
 
 
-class AdamP(Optimizer):
+class AdamP(_Projected):
     r"""AdamP (Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
     Scale-invariant Weights", ICLR 2021, arXiv 2006.08217), as the authors' released code.
 
@@ -133,22 +148,15 @@ class AdamP(Optimizer):
             state_steps="step",
         )  # fmt: skip
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
-        loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            lists = self._init_group(group)
-            projected = adamp(
-                lists["params"],
-                lists["grads"],
-                lists["exp_avgs"],
-                lists["exp_avg_sqs"],
-                lists["state_steps"],
-                **hyperparameters(group, _ADAMP_HYPERPARAMETERS),
-            )
-            _keep_flags(lists["states"], projected)
-        return loss
+    def _functional(self, lists: dict[str, list], group: dict) -> list[Tensor]:
+        return adamp(
+            lists["params"],
+            lists["grads"],
+            lists["exp_avgs"],
+            lists["exp_avg_sqs"],
+            lists["state_steps"],
+            **hyperparameters(group, _ADAMP_HYPERPARAMETERS),
+        )
 
 
 def adamp(
@@ -185,7 +193,7 @@ def adamp(
     return flags
 
 
-class SGDP(Optimizer):
+class SGDP(_Projected):
     r"""SGDP (Heo et al., ICLR 2021, arXiv 2006.08217): SGD with momentum whose update of
     scale-invariant weights loses its radial component, as the authors' released code.
 
@@ -242,20 +250,13 @@ class SGDP(Optimizer):
     def _init_group(self, group: dict) -> dict[str, list]:
         return gather(self, group, _init_momentum, momentum_buffers="momentum_buffer")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
-        loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            lists = self._init_group(group)
-            projected = sgdp(
-                lists["params"],
-                lists["grads"],
-                lists["momentum_buffers"],
-                **hyperparameters(group, _SGDP_HYPERPARAMETERS),
-            )
-            _keep_flags(lists["states"], projected)
-        return loss
+    def _functional(self, lists: dict[str, list], group: dict) -> list[Tensor]:
+        return sgdp(
+            lists["params"],
+            lists["grads"],
+            lists["momentum_buffers"],
+            **hyperparameters(group, _SGDP_HYPERPARAMETERS),
+        )
 
 
 def _init_momentum(state: dict, p: Tensor) -> None:
