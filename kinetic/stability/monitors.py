@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from kinetic.stability.sharpness import preconditioner, sharpness
+from optim.protocol import VelocityGated
 
 __all__ = ["MonitorConfig", "MonitorSchema", "StabilityMonitor", "spike_z_scores"]
 
@@ -174,10 +175,9 @@ def velocity_scalars(optimizer: torch.optim.Optimizer, alpha0: float) -> dict[st
     """VRAdam's eta_t, eta_t / alpha_0 and ||m_t|| of the first group, as device tensors ({} for
     an optimizer without a velocity gate). `alpha0`: the group's lr of the step just taken,
     read before a schedule moved it."""
-    eta = getattr(optimizer, "last_lr_tensor", None)
-    sq = getattr(optimizer, "last_velocity_sq_norm", None)
-    if eta is None or sq is None:
+    if not isinstance(optimizer, VelocityGated) or optimizer.last_lr_tensor is None:
         return {}
+    eta, sq = optimizer.last_lr_tensor, optimizer.last_velocity_measure
     return {"eta": eta[0], "eta_ratio": eta[0] / alpha0, "velocity_norm": sq[0].sqrt()}
 
 

@@ -75,7 +75,7 @@ def test_update_to_weight_ratio_and_vradam_scalars():
     assert values["stability/update_cos"] == pytest.approx(1.0)
     assert values["stability/eta_ratio"] == pytest.approx(eta / 0.1, rel=1e-6)
     assert values["stability/velocity_norm"] == pytest.approx(
-        float(opt.last_velocity_sq_norm[0].sqrt()), rel=1e-6
+        float(opt.last_velocity_measure[0].sqrt()), rel=1e-6
     )
 
 
