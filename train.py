@@ -38,6 +38,7 @@ from kinetic import (
     distributed,
     train,
 )
+from kinetic.logging import config_hparams
 from kinetic.stability.guard import NonFiniteError
 from optim import build_optimizer
 
@@ -78,6 +79,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     # Rank 0 alone writes the events, metrics.json and the checkpoint, and shows progress.
     if main_process:
         logger = RunLogger(run_dir, cfg.train.steps, progress=cfg.logging.progress)
+        hydra_cfg = HydraConfig.get()  # the HParams tab: this run's overrides and group choices
+        logger.hparams(config_hparams(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices))
     else:
         logger = NullLogger()
     try:

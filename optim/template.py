@@ -35,3 +35,37 @@ def gradients(optimizer: torch.optim.Optimizer, group: dict) -> list[tuple[Tenso
             raise RuntimeError(f"{type(optimizer).__name__} does not support sparse gradients")
         out.append((p, optimizer.state[p]))
     return out
+
+
+def gather(
+    optimizer: torch.optim.Optimizer,
+    group: dict,
+    init: Callable[[dict, Tensor], None],
+    **state_keys: str,
+) -> dict[str, list]:
+    """The lists a functional takes, for the parameters of `group` that have a gradient.
+
+    ``init(state, p)`` fills an empty state on a parameter's first step. Returns ``params``,
+    ``grads``, ``states`` (the state dicts) and one list per keyword, e.g.
+    ``gather(opt, group, init_adam_state, exp_avgs="exp_avg")`` adds ``exp_avgs``.
+    """
+    lists: dict[str, list] = {"params": [], "grads": [], "states": []}
+    lists |= {name: [] for name in state_keys}
+    for p, state in gradients(optimizer, group):
+        if len(state) == 0:
+            init(state, p)
+        lists["params"].append(p)
+        lists["grads"].append(p.grad)
+        lists["states"].append(state)
+        for name, key in state_keys.items():
+            lists[name].append(state[key])
+    return lists
+
+
+def hyperparameters(group: dict, names: tuple[str, ...]) -> dict:
+    """The functional's keyword arguments from a param group: `names`, with ``betas`` spread
+    into ``beta1`` and ``beta2``."""
+    out = {name: group[name] for name in names if name != "betas"}
+    if "betas" in names:
+        out["beta1"], out["beta2"] = group["betas"]
+    return out

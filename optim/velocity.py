@@ -24,6 +24,7 @@ __all__ = [
     "GroupTensors",
     "check_options",
     "learning_rates",
+    "measures",
 ]
 
 NORMS = ("global", "group")
@@ -87,8 +88,12 @@ def measures(
     Sharded groups sum their partial sums over the shards first, with one all-reduce.
     """
     dtype, device = accumulation_dtype(groups), home_device(groups)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    parts = [zero if s is None else s.to(device, dtype, non_blocking=True) for s in sums]
+    parts = [
+        torch.zeros((), dtype=dtype, device=device)
+        if s is None
+        else s.to(device, dtype, non_blocking=True)
+        for s in sums
+    ]
     reduce = next((g.reduce for g in groups if g.reduce is not None), None)
     if reduce is not None:
         parts = list(reduce(torch.stack(parts)).unbind())

@@ -119,9 +119,9 @@ class VRAdam(Optimizer):
         impl: ``"reference"`` (a plain per-parameter loop), ``"fused"`` (torch's fused AdamW
             kernel driven by the tensor eta_t, the measure from cache-sized temporaries),
             ``"triton"`` (multi-tensor Triton kernels; fp32 moments for bf16/fp16 weights), or
-            ``"auto"``: triton on CUDA when triton is installed and every parameter is
-            fp32/bf16/fp16, else fused where every parameter is a floating-point tensor on a
-            device the fused kernel supports, else reference (default: "auto").
+            ``"auto"``: triton on CUDA when triton is installed and every parameter is a
+            dense fp32/bf16/fp16 tensor, else fused where every parameter is a floating-point
+            tensor on a device the fused kernel supports, else reference (default: "auto").
     """
 
     def __init__(
@@ -149,16 +149,8 @@ class VRAdam(Optimizer):
         check_float("weight_decay", weight_decay)
         check_options(norm, norm_source, velocity, norm_timing)
         check_choice("impl", impl, IMPLEMENTATIONS)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            beta3=beta3,
-            lr_cutoff=lr_cutoff,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-        )
-        super().__init__(params, defaults)
+        gate = dict(lr=lr, betas=tuple(betas), beta3=beta3, lr_cutoff=lr_cutoff)
+        super().__init__(params, gate | dict(eps=eps, weight_decay=weight_decay, maximize=maximize))
         self.norm = norm
         self.norm_source = norm_source
         self.velocity = velocity
@@ -201,7 +193,11 @@ class VRAdam(Optimizer):
         if self.impl != "auto":
             return self.impl
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        on_cuda = params and all(p.is_cuda and p.dtype in _TRITON_DTYPES for p in params)
+        triton_ready = (
+            p.is_cuda and p.dtype in _TRITON_DTYPES and vradam_triton.layout(p) is not None
+            for p in params
+        )
+        on_cuda = params and all(triton_ready)
         if on_cuda and triton_available():
             return "triton"
         for p in params:

@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optim.velocity import GroupTensors, accumulation_dtype, gate, home_device, learning_rates
+from optim.velocity import (
+    GroupTensors,
+    accumulation_dtype,
+    gate,
+    home_device,
+    learning_rates,
+    measures,
+)
 
 __all__ = ["fused_vradam", "single_tensor_vradam"]
 
@@ -32,10 +39,15 @@ def lagged_rates(groups: list[GroupTensors]) -> Tensor:
     return torch.stack(etas)
 
 
-def keep_measure(groups: list[GroupTensors], s: Tensor) -> None:
-    """Store each group's s_t for the next lagged step (it goes into the optimizer's state_dict)."""
+def keep_measure(
+    groups: list[GroupTensors], sums: list[Tensor | None], *, norm: str, velocity: str
+) -> Tensor:
+    """s_t per group from this step's sums of squares, stored for the next lagged step (it goes
+    into the optimizer's state_dict with the param group); returns s_t, (n_groups,)."""
+    s = torch.stack(measures(groups, sums, norm=norm, velocity=velocity))
     for i, g in enumerate(groups):
         g.state["velocity_measure"] = s[i]
+    return s
 
 
 def _adam_direction(m: Tensor, v: Tensor, step: Tensor, hyper: dict) -> Tensor:
@@ -87,10 +99,9 @@ def single_tensor_vradam(
             term = torch.linalg.vector_norm(source, dtype=acc_dtype).square()
             sq = term if sq is None else sq + term
         sums.append(sq)
-    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     if lagged:
-        keep_measure(groups, s)
-        return eta, s
+        return eta, keep_measure(groups, sums, norm=norm, velocity=velocity)
+    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     # Stage 2: the decayed, bias-corrected Adam step with learning rate eta_t.
     for i, g in enumerate(groups):
         for p, m, v, step in zip(g.params, g.exp_avgs, g.exp_avg_sqs, g.state_steps, strict=True):
@@ -151,9 +162,8 @@ def _measure_norms(
         if moments_updated:
             denom = torch._foreach_sqrt(exp_avg_sqs)
         else:
-            denom = torch._foreach_mul(grads, grads)
-            torch._foreach_mul_(denom, 1 - beta2)
-            torch._foreach_add_(denom, torch._foreach_mul(exp_avg_sqs, beta2))
+            denom = torch._foreach_mul(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(denom, grads, grads, value=1 - beta2)
             torch._foreach_sqrt_(denom)
         torch._foreach_div_(denom, bias_correction2_sqrt[a:b])
         torch._foreach_add_(denom, g.hyper["eps"])
@@ -221,10 +231,9 @@ def fused_vradam(
             g, norm_source=norm_source, velocity=velocity, moments_updated=lagged
         )
         sums.append(_sum_sq(norms))
-    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     if lagged:
-        keep_measure(groups, s)
-        return eta, s
+        return eta, keep_measure(groups, sums, norm=norm, velocity=velocity)
+    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     for i, g in enumerate(groups):
         if g.params:
             _fused_adamw_step(g, new_eta[i])

@@ -4,10 +4,10 @@ One launch covers every parameter of a param group and dtype: the kernels read p
 pointer tables (int64 addresses of theta, g, m, v and the step counter, and each tensor's
 length) and a chunk table (tensor index and offset of each block of ``BLOCK`` elements), so a
 program handles one block of one tensor. The tables are device tensors built once and cached;
-they are rebuilt (one small host-to-device copy) only when a tensor's storage moves, e.g. when
-``zero_grad(set_to_none=True)`` lets the allocator hand out new gradient buffers. With static
-gradients (``set_to_none=False``, as CUDA-graph capture requires anyway) a step builds nothing
-on the host and reads nothing back.
+they are rebuilt (a few small asynchronous copies from pinned memory, no sync) only when a
+tensor's storage moves, e.g. when ``zero_grad(set_to_none=True)`` lets the allocator hand out
+new gradient buffers. With static gradients (``set_to_none=False``, as CUDA-graph capture
+requires anyway) a step builds nothing on the host and reads nothing back.
 
 Exact timing, per group and dtype:
 
@@ -90,6 +90,7 @@ class _Plan:
     group_start: Tensor  # (G + 1,) int64: each group's range of partial slots
     partials: Tensor  # (n_chunks,) float32
     sums: Tensor  # (G,) float32
+    staging: list[Tensor]  # pinned host sources of the asynchronous table uploads
 
 
 def _key(groups: list[GroupTensors]) -> tuple:
@@ -100,6 +101,16 @@ def _key(groups: list[GroupTensors]) -> tuple:
         key.append(tuple(tuple(t.data_ptr() for t in ts) for ts in zip(*lists, strict=True)))
         key.append(tuple((p.numel(), p.dtype, d.dtype) for p, d in zip(*lists[:2], strict=True)))
     return tuple(key)
+
+
+def layout(t: Tensor) -> str | None:
+    """ "contiguous" or "channels_last" for a tensor whose elements fill its memory in one of
+    those orders (the kernels walk raw memory), else None."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return None
 
 
 def _check_tensors(g: GroupTensors, dtypes: dict) -> None:
@@ -113,8 +124,12 @@ def _check_tensors(g: GroupTensors, dtypes: dict) -> None:
             )
         if m.dtype != torch.float32 or v.dtype != torch.float32 or s.dtype != torch.float32:
             raise TypeError("VRAdam impl='triton' keeps exp_avg, exp_avg_sq and step in float32")
-        if not (p.is_contiguous() and grad.is_contiguous() and m.is_contiguous()):
-            raise ValueError("VRAdam impl='triton' needs contiguous parameters and gradients")
+        layouts = {layout(x) for x in (p, grad, m, v)}
+        if None in layouts or len(layouts) > 1:
+            raise ValueError(
+                "VRAdam impl='triton' needs each parameter, its gradient and its moments in one "
+                "dense layout (all contiguous, or all channels_last)"
+            )
 
 
 def _plan(groups: list[GroupTensors], cache: dict) -> _Plan:
@@ -125,6 +140,17 @@ def _plan(groups: list[GroupTensors], cache: dict) -> _Plan:
         return plan
     dtypes = kernels(interpreted()).DTYPES
     device = next(g.params[0].device for g in groups if g.params)
+    staging: list[Tensor] = []
+
+    def upload(values: list[int], dtype: torch.dtype) -> Tensor:
+        """A device copy of `values`; on CUDA from pinned memory, asynchronously (no sync),
+        the pinned source kept alive with the plan."""
+        host = torch.tensor(values, dtype=dtype)
+        if device.type != "cuda":
+            return host.to(device)
+        staging.append(host.pin_memory())
+        return staging[-1].to(device, non_blocking=True)
+
     buckets, group_start, offset = [], [0], 0
     for gi, g in enumerate(groups):
         _check_tensors(g, dtypes)
@@ -144,7 +170,7 @@ def _plan(groups: list[GroupTensors], cache: dict) -> _Plan:
                     chunk_tensor.append(j)
                     chunk_start.append(start)
             # Built once per layout: the only host-to-device copies of this implementation.
-            tables = {k: torch.tensor(v, dtype=torch.int64, device=device) for k, v in host.items()}
+            tables = {k: upload(v, torch.int64) for k, v in host.items()}
             buckets.append(
                 _Bucket(
                     group=gi,
@@ -152,8 +178,8 @@ def _plan(groups: list[GroupTensors], cache: dict) -> _Plan:
                     p_dtype=p_dtype,
                     g_dtype=g_dtype,
                     tables=tables,
-                    chunk_tensor=torch.tensor(chunk_tensor, dtype=torch.int32, device=device),
-                    chunk_start=torch.tensor(chunk_start, dtype=torch.int64, device=device),
+                    chunk_tensor=upload(chunk_tensor, torch.int32),
+                    chunk_start=upload(chunk_start, torch.int64),
                     partial_offset=offset,
                 )
             )
@@ -162,9 +188,10 @@ def _plan(groups: list[GroupTensors], cache: dict) -> _Plan:
     plan = _Plan(
         key=key,
         buckets=buckets,
-        group_start=torch.tensor(group_start, dtype=torch.int64, device=device),
+        group_start=upload(group_start, torch.int64),
         partials=torch.zeros(max(offset, 1), dtype=torch.float32, device=device),
         sums=torch.zeros(len(groups), dtype=torch.float32, device=device),
+        staging=staging,
     )
     cache["triton_plan"] = plan
     return plan
@@ -207,10 +234,9 @@ def triton_vradam(
         )  # fmt: skip
     k.reduce_kernel[(len(groups),)](plan.partials, plan.group_start, plan.sums, BLOCK=_REDUCE_BLOCK)
     sums = [plan.sums[i] if g.params else None for i, g in enumerate(groups)]
-    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     if lagged:
-        keep_measure(groups, s)
-        return eta, s
+        return eta, keep_measure(groups, sums, norm=norm, velocity=velocity)
+    new_eta, s = learning_rates(groups, sums, norm=norm, velocity=velocity)
     eta32 = new_eta.float()
     for b in plan.buckets:
         h = groups[b.group].hyper

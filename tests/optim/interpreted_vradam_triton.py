@@ -87,6 +87,8 @@ CASES = [
     *(f"test_low_precision_weights_keep_fp32_moments[{d}]" for d in ("float16", "bfloat16")),
     "test_tables_are_cached_while_storage_stays",
     "test_triton_refuses_cpu_tensors_without_the_interpreter",
+    "test_step_builds_no_host_data[exact]",
+    "test_step_builds_no_host_data[lagged]",
 ]
 
 
@@ -196,3 +198,26 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     p.grad = torch.ones(3)
     with pytest.raises(ValueError, match=r"^VRAdam impl='triton' runs on CUDA tensors; got cpu "):
         VRAdam([p], impl="triton").step()
+
+
+@pytest.mark.parametrize("timing", ["exact", "lagged"])
+def test_step_builds_no_host_data(timing, record_ops):
+    """As tests/optim/test_no_host_data.py, for the Triton path: with gradients written in place
+    (static storage, as CUDA-graph capture needs) and an LR schedule moving lr before every
+    step, a steady step neither builds a tensor from host data nor reads one back."""
+    params, curv, target = _problem()
+    opt = VRAdam(_groups(params), impl="triton", velocity="precond", norm_timing=timing)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + t))
+    _grads(params, curv, target)
+    for t in range(3):
+        for p, c in zip(params, curv, strict=True):
+            p.grad.copy_(c * torch.cos(p.detach() * (t + 1)))
+        if t < 2:
+            opt.step()
+            sched.step()
+    with record_ops() as rec, torch.device("meta"):
+        opt.step()
+    assert rec.ops, "the dispatch mode recorded nothing"
+    assert "aten.lift_fresh.default" not in rec.ops
+    assert "aten._local_scalar_dense.default" not in rec.ops
+    assert rec.devices == {"cpu"}

@@ -238,13 +238,15 @@ def test_step_never_syncs_with_host(impl, options, record_ops):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_resume_from_state_dict_is_bit_exact(impl):
+@pytest.mark.parametrize("timing", ["exact", "lagged"])
+def test_resume_from_state_dict_is_bit_exact(impl, timing):
+    """The lagged timing's s_{t-1} travels in the param groups of the state dict."""
     net = _mlp()
-    opt = VRAdam(_groups(net, weight_decay=0.1), impl=impl)
+    opt = VRAdam(_groups(net, weight_decay=0.1), impl=impl, norm_timing=timing)
     _train(net, opt, 100)
 
     half = _mlp()
-    opt_half = VRAdam(_groups(half, weight_decay=0.1), impl=impl)
+    opt_half = VRAdam(_groups(half, weight_decay=0.1), impl=impl, norm_timing=timing)
     _train(half, opt_half, 50)
     buffer = io.BytesIO()
     torch.save({"model": half.state_dict(), "optim": opt_half.state_dict()}, buffer)
@@ -253,7 +255,7 @@ def test_resume_from_state_dict_is_bit_exact(impl):
 
     resumed = _mlp(seed=123)  # different init: everything must come from the checkpoint
     resumed.load_state_dict(ckpt["model"])
-    opt_resumed = VRAdam(_groups(resumed, weight_decay=0.1), impl=impl)
+    opt_resumed = VRAdam(_groups(resumed, weight_decay=0.1), impl=impl, norm_timing=timing)
     opt_resumed.load_state_dict(ckpt["optim"])
     _train(resumed, opt_resumed, 100, start=50)
     for a, b in zip(net.parameters(), resumed.parameters(), strict=True):

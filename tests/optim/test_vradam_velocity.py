@@ -1,4 +1,4 @@
-"""VRAdam's scale-free velocity measures (issue 7, part 2): "mean" and "precond" against
+"""VRAdam's scale-free velocity measures: "mean" and "precond" against
 closed forms, a hand-written loop, model-size invariance, and fused/reference parity."""
 
 from __future__ import annotations
