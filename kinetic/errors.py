@@ -6,7 +6,10 @@ exit code 2 (a full traceback with `debug=true`). Everything else keeps its trac
 disguised as one. Validation (`kinetic/validate.py`), the checkpoint and run-directory checks
 (`kinetic/checkpoint.py`) and the builders at the config boundary raise it; third-party or
 author-written constructors that refuse their arguments with `ValueError` are wrapped by
-`refused_arguments` (their own message kept, the config key prefixed).
+`refused_arguments` (their own message kept, the config key prefixed). That wrapper goes around
+a constructor call at the config boundary only: inside it a `ValueError` or `TypeError` is, by
+the house convention, the constructor refusing its arguments; inside the training loop the same
+exceptions are bugs.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ class ConfigError(ValueError):
 
 @contextmanager
 def refused_arguments(where: str) -> Iterator[None]:
-    """Inside the block, a `ValueError` is a constructor refusing the user's arguments: re-raise
-    it as `ConfigError("<where>: <message>")`, chained to the original (shown by `debug=true`).
+    """Inside the block, a `ValueError` or `TypeError` is a constructor refusing the user's
+    arguments: re-raise it as `ConfigError("<where>: <message>")`, chained to the original
+    (its traceback is shown by `debug=true`).
 
     Use it around the construction of a user-configured object only (an optimizer, an
     environment, a dataset), never around training code. `where` names the config node, e.g.
@@ -48,14 +52,14 @@ def refused_arguments(where: str) -> Iterator[None]:
         yield
     except ConfigError:
         raise
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise ConfigError(f"{where}: {err}" if where else str(err)) from err
 
 
 def call_with_config(factory: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> Any:
-    """`factory(**kwargs)` for a config node: unknown or missing keys and a `ValueError` from the
-    factory become a `ConfigError` naming `where` and the valid keys; any other exception (a bug
-    in the factory) keeps its traceback. Unlike `hydra.utils.instantiate`, the factory's own
+    """`factory(**kwargs)` for a config node: unknown or missing keys, and a `ValueError` or
+    `TypeError` from the factory, become a `ConfigError` naming `where` (and the valid keys);
+    any other exception keeps its traceback. Unlike `hydra.utils.instantiate`, the factory's own
     message reaches the user without Hydra's InstantiationException wrapper."""
     name = getattr(factory, "__name__", repr(factory))
     try:

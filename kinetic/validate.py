@@ -45,13 +45,16 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # diffusers' 
 DIGITS_COUNT = 1797  # scikit-learn's bundled 8x8 digits
 
 
-def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+def _interval(low: Any, high: Any, low_open: bool, high_open: bool) -> str:
+    """`in [low, high)`, `>= low`, ... (ints as they are, floats in %g)."""
+    show = (lambda v: str(v)) if isinstance(low, int) or isinstance(high, int) else "{:g}".format
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        return f"in {left}{show(low)}, {show(high)}{right}"
     if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
+        return f"{'>' if low_open else '>='} {show(low)}"
     if high is not None:
-        return f"{'<' if high_open else '<='} {high:g}"
+        return f"{'<' if high_open else '<='} {show(high)}"
     return "finite"
 
 

@@ -116,7 +116,7 @@ def test_no_usable_checkpoint_is_an_error_naming_each(tmp_path):
     for step in (1, 2):
         checkpoints.save(step, w=torch.ones(100))
         _truncate(checkpoints.path(step))
-    with pytest.raises(CheckpointError, match="^No usable checkpoint in .*checkpoint_0000001.pt"):
+    with pytest.raises(CheckpointError, match=r"^No usable checkpoint in .*checkpoint_0000001\.pt"):
         checkpoints.load_latest(warn=lambda message: None)
     assert Checkpoints(tmp_path / "empty").load_latest() is None
 
@@ -128,7 +128,7 @@ def test_missing_and_unsafe_checkpoints_are_refused(tmp_path):
         load_checkpoint(tmp_path / "x.pt")
     # weights_only=True: a pickled object that is not tensors and plain containers is refused.
     torch.save({"bad": Path("x")}, tmp_path / "unsafe.pt")
-    with pytest.raises(CheckpointError, match="^Checkpoint .*unsafe.pt cannot be read: "):
+    with pytest.raises(CheckpointError, match=r"^Checkpoint .*unsafe\.pt cannot be read: "):
         load_checkpoint(tmp_path / "unsafe.pt")
 
 
@@ -155,8 +155,8 @@ def test_a_run_directory_holding_a_run_is_refused_unchanged(tmp_path):
         claim_run_dir(tmp_path, IDENTITY)
     other = IDENTITY | {"env.height": 4, "env.ndim": 3}
     with pytest.raises(CheckpointError, match=(
-        "^Cannot resume the run in .* with a different task, environment or model: "
-        'env.height: 8 in the checkpoint, 4 now; env.ndim: \\(absent\\) in the checkpoint, 3 now$'
+        r"^Cannot resume the run in .* with a different task, environment or model: "
+        r"env\.height: 8 in the checkpoint, 4 now; env\.ndim: \(absent\) in the checkpoint, 3 now$"
     )):  # fmt: skip
         claim_run_dir(tmp_path, other, resume="auto")
     with pytest.raises(ConfigError, match="contradict"):
