@@ -39,12 +39,13 @@ __all__ = [
     "CheckpointError",
     "Checkpoints",
     "check_identity",
+    "check_run_dir",
     "check_state_shapes",
-    "claim_run_dir",
     "identity_differences",
     "load_checkpoint",
     "run_identity",
     "save_checkpoint",
+    "start_run_dir",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -294,38 +295,45 @@ def _holds_a_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in _RUN_OUTPUTS)
 
 
-def claim_run_dir(
+def check_run_dir(
     run_dir: str | Path,
     identity: Mapping[str, Any],
     *,
     resume: str | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Check that a run may start in `run_dir`, then record `identity` there (run.json).
+    """Refuse to start a run in `run_dir` when it already holds another; writes nothing.
 
     A directory that already holds a run (a run record, checkpoints or final metrics) is refused
-    unless resuming it (`resume`: its identity must match, else the differing keys are named;
-    `resume=auto` in a directory without a run starts one, so one command serves a first start
-    and every restart of a preemptible job) or
-    `overwrite` (the previous run's outputs are deleted first: checkpoints, run.json,
-    metrics.json, samples/ and TensorBoard event files; nothing else). Call it after every other
-    check, so that a refused input leaves the directory untouched.
+    unless resuming it (`resume`: the recorded identity must match, else the differing keys are
+    named) or replacing it (`overwrite`). `resume=auto` in a directory without a run is a fresh
+    start, so one command serves the first start and every restart of a preemptible job.
     """
     run_dir = Path(run_dir)
-    record = run_dir / RUN_RECORD
     if resume is not None and overwrite:
         raise ConfigError("resume and overwrite=true contradict each other; pass one of them")
-    if _holds_a_run(run_dir):
-        if resume is not None:
-            if record.is_file():
-                saved = json.loads(record.read_text())["identity"]
-                check_identity(saved, identity, f"the run in {run_dir}")
-            return
-        if not overwrite:
-            raise ConfigError(
-                f"The run directory {run_dir} already holds a run; pass resume=auto to continue "
-                "it, overwrite=true to replace it, or choose another hydra.run.dir"
-            )
+    if not _holds_a_run(run_dir) or overwrite:
+        return
+    if resume is None:
+        raise ConfigError(
+            f"The run directory {run_dir} already holds a run; pass resume=auto to continue "
+            "it, overwrite=true to replace it, or choose another hydra.run.dir"
+        )
+    record = run_dir / RUN_RECORD
+    if record.is_file():
+        saved = json.loads(record.read_text())["identity"]
+        check_identity(saved, identity, f"the run in {run_dir}")
+
+
+def start_run_dir(
+    run_dir: str | Path, identity: Mapping[str, Any], *, overwrite: bool = False
+) -> None:
+    """Record `identity` in `run_dir` (run.json), after `check_run_dir` and every other check
+    passed, so that a refused input leaves the directory untouched. With `overwrite`, the
+    previous run's outputs go first: checkpoints, run.json, metrics.json, checkpoint.pt,
+    samples/ and TensorBoard event files; nothing else (notes, .hydra/) is touched."""
+    run_dir = Path(run_dir)
+    if overwrite:
         for name in _RUN_OUTPUTS:
             target = run_dir / name
             if target.is_dir():
@@ -336,4 +344,6 @@ def claim_run_dir(
         for events in run_dir.glob("events.out.tfevents.*"):
             events.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(record, (json.dumps({"identity": dict(identity)}, indent=2) + "\n").encode())
+    _write_atomic(
+        run_dir / RUN_RECORD, (json.dumps({"identity": dict(identity)}, indent=2) + "\n").encode()
+    )

@@ -13,11 +13,12 @@ import torch
 from kinetic.checkpoint import (
     CheckpointError,
     Checkpoints,
+    check_run_dir,
     check_state_shapes,
-    claim_run_dir,
     load_checkpoint,
     run_identity,
     save_checkpoint,
+    start_run_dir,
 )
 from kinetic.errors import ConfigError
 
@@ -143,7 +144,8 @@ IDENTITY = {"task.name": "gfn", "seed": 0, "optim.name": "vradam", "env.height":
 
 
 def test_a_run_directory_holding_a_run_is_refused_unchanged(tmp_path):
-    claim_run_dir(tmp_path, IDENTITY)
+    check_run_dir(tmp_path, IDENTITY)
+    start_run_dir(tmp_path, IDENTITY)
     assert json.loads((tmp_path / "run.json").read_text()) == {"identity": IDENTITY}
     save_checkpoint(tmp_path / "checkpoints" / "checkpoint_0000010.pt", step=10)
     (tmp_path / "notes.txt").write_text("mine")
@@ -152,22 +154,22 @@ def test_a_run_directory_holding_a_run_is_refused_unchanged(tmp_path):
         f"^The run directory {re.escape(str(tmp_path))} already holds a run; pass resume=auto "
         "to continue it, overwrite=true to replace it, or choose another hydra.run.dir$"
     )):  # fmt: skip
-        claim_run_dir(tmp_path, IDENTITY)
+        check_run_dir(tmp_path, IDENTITY)
     other = IDENTITY | {"env.height": 4, "env.ndim": 3}
     with pytest.raises(CheckpointError, match=(
         r"^Cannot resume the run in .* with a different task, environment or model: "
         r"env\.height: 8 in the checkpoint, 4 now; env\.ndim: \(absent\) in the checkpoint, 3 now$"
     )):  # fmt: skip
-        claim_run_dir(tmp_path, other, resume="auto")
+        check_run_dir(tmp_path, other, resume="auto")
     with pytest.raises(ConfigError, match="contradict"):
-        claim_run_dir(tmp_path, IDENTITY, resume="auto", overwrite=True)
+        check_run_dir(tmp_path, IDENTITY, resume="auto", overwrite=True)
     assert _snapshot(tmp_path) == before
-    claim_run_dir(tmp_path, IDENTITY, resume="auto")  # the same run: accepted, nothing written
+    check_run_dir(tmp_path, IDENTITY, resume="auto")  # the same run: accepted
     assert _snapshot(tmp_path) == before
 
 
 def test_overwrite_removes_the_previous_runs_outputs_only(tmp_path):
-    claim_run_dir(tmp_path, IDENTITY)
+    start_run_dir(tmp_path, IDENTITY)
     Checkpoints(tmp_path).save(10, w=torch.ones(2))
     (tmp_path / "metrics.json").write_text("{}")
     (tmp_path / "events.out.tfevents.1.host").write_text("x")
@@ -177,7 +179,8 @@ def test_overwrite_removes_the_previous_runs_outputs_only(tmp_path):
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("a: 1")
     other = IDENTITY | {"seed": 1}
-    claim_run_dir(tmp_path, other, overwrite=True)
+    check_run_dir(tmp_path, other, overwrite=True)
+    start_run_dir(tmp_path, other, overwrite=True)
     assert sorted(_snapshot(tmp_path)) == [".hydra/config.yaml", "notes.txt", "run.json"]
     assert json.loads((tmp_path / "run.json").read_text())["identity"] == other
 
