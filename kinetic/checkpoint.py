@@ -170,9 +170,10 @@ class Checkpoints:
         paths = self.paths()
         return paths[-1] if paths else None
 
-    def save(self, step: int, **payload: Any) -> Path:
-        """Write the checkpoint of `step` atomically, then prune to the last `keep`."""
-        path = save_checkpoint(self.path(step), step=step, **payload)
+    def save(self, step: int, /, **payload: Any) -> Path:
+        """Write the checkpoint of `step` (stored as its "step") atomically, then prune to the
+        last `keep`."""
+        path = save_checkpoint(self.path(step), **{**payload, "step": step})
         for old in self.paths()[: -self.keep]:
             _digest_path(old).unlink(missing_ok=True)
             old.unlink(missing_ok=True)

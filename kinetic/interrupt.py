@@ -18,11 +18,27 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-__all__ = ["SIGNALS", "StopRequest", "resume_command"]
+__all__ = ["SIGNALS", "RunInterrupted", "StopRequest", "resume_command"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Overrides that a resume command replaces with its own.
 _RUN_KEYS = ("resume=", "overwrite=", "hydra.run.dir=", "+resume=", "+overwrite=")
+
+
+class RunInterrupted(Exception):
+    """The run stopped on a signal after `step`, with a checkpoint at `checkpoint`.
+
+    `exit_code` is the conventional 128 + signal number (130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, signal: str, exit_code: int, step: int, checkpoint: Path | None) -> None:
+        self.signal, self.exit_code, self.step, self.checkpoint = (
+            signal,
+            exit_code,
+            step,
+            checkpoint,
+        )
+        super().__init__(f"{signal}: stopped after step {step}; checkpoint: {checkpoint}")
 
 
 class StopRequest:

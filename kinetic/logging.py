@@ -15,11 +15,25 @@ from tqdm import tqdm
 class RunLogger:
     """One run's outputs, all under `run_dir` (point `tensorboard --logdir` at it or a parent)."""
 
-    def __init__(self, run_dir: Path, total_steps: int, progress: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        progress: bool = True,
+        resumed_at: int | None = None,
+    ) -> None:
+        """`resumed_at`: the step of the checkpoint a resumed run starts from (0: none yet).
+        TensorBoard then drops the events the interrupted run wrote after it (`purge_step`),
+        so each step's scalars appear once, as an uninterrupted run would have logged them;
+        the progress bar starts there."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.run_dir))
-        self.bar = tqdm(total=total_steps, disable=not progress, dynamic_ncols=True, leave=False)
+        purge = None if resumed_at is None else resumed_at + 1
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge)
+        self.bar = tqdm(
+            total=total_steps, initial=resumed_at or 0, disable=not progress,
+            dynamic_ncols=True, leave=False,
+        )  # fmt: skip
         self._postfix: dict[str, str] = {}
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

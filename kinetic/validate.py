@@ -141,16 +141,18 @@ def check_run_keys(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def validate_train(node: Mapping[str, Any], lr_schedules: Sequence[str]) -> None:
-    """`train`: steps, intervals, clipping, the LR schedule (one of the task's `lr_schedules`)
-    and its warm-up, checkpointing."""
+def validate_train(node: Mapping[str, Any], lr_schedules: Sequence[str] | None) -> None:
+    """`train`: steps, intervals (eval_every and checkpoint_every: 0 = never), clipping, the LR
+    schedule (one of the task's `lr_schedules`; None: not checked here) and its warm-up,
+    checkpointing."""
     steps = check_int("train.steps", _get(node, "steps"), 1)
     check_int("train.log_every", _get(node, "log_every"), 1)
-    check_int("train.eval_every", _get(node, "eval_every"), 1)
+    check_int("train.eval_every", _get(node, "eval_every"), 0)
     check_int("train.checkpoint_every", _get(node, "checkpoint_every", 0), 0)
     check_int("train.keep_checkpoints", _get(node, "keep_checkpoints", 1), 1)
     check_float("train.clip_grad_norm", _get(node, "clip_grad_norm", 0.0), 0.0)
-    check_choice("train.lr_schedule", _get(node, "lr_schedule", lr_schedules[0]), lr_schedules)
+    if lr_schedules is not None:
+        check_choice("train.lr_schedule", _get(node, "lr_schedule"), lr_schedules)
     check_int("train.warmup_steps", _get(node, "warmup_steps", 0), 0, steps)
 
 
