@@ -1,5 +1,8 @@
 """Every bad config value is refused before any work, in one sentence naming key and valid range.
 
+(Wrong types, e.g. `train.steps=1.5`, are Hydra's to refuse at composition: the schemas in
+kinetic/config.py type every key; tests/test_bad_inputs.py runs those through the command line.)
+
 The configs are composed by Hydra from configs/ exactly as `train.py` composes them; the
 command-line test of the same table (exit code 2, the run directory untouched) lives in
 tests/test_train.py.
@@ -24,7 +27,7 @@ BAD_INPUTS = [
     # The inputs that gave a traceback or a silent wrong run.
     (["train.steps=0"], "Invalid train.steps: 0; expected an int >= 1"),
     (["train.log_every=0"], "Invalid train.log_every: 0; expected an int >= 1"),
-    (["train.eval_every=0"], "Invalid train.eval_every: 0; expected an int >= 1"),
+    (["train.eval_every=-1"], "Invalid train.eval_every: -1; expected an int >= 0"),
     (["threads=0"], "Invalid threads: 0; expected an int >= 1"),
     ([DDPM, "data.resolution=0"], "Invalid data.resolution: 0; expected an int >= 1"),
     (
@@ -42,10 +45,9 @@ BAD_INPUTS = [
     (["task.batch_size=0"], "Invalid task.batch_size: 0; expected an int >= 1"),
     ([DDPM, "task.batch_size=0"], "Invalid task.batch_size: 0; expected an int >= 1"),
     # Sizes, steps, intervals.
-    (["train.steps=1.5"], "Invalid train.steps: 1.5; expected an int >= 1"),
     (["train.warmup_steps=5000"], "Invalid train.warmup_steps: 5000; expected an int in [0, 3000]"),
-    (["+train.checkpoint_every=-1"], "Invalid train.checkpoint_every: -1; expected an int >= 0"),
-    (["+train.keep_checkpoints=0"], "Invalid train.keep_checkpoints: 0; expected an int >= 1"),
+    (["train.checkpoint_every=-1"], "Invalid train.checkpoint_every: -1; expected an int >= 0"),
+    (["train.keep_checkpoints=0"], "Invalid train.keep_checkpoints: 0; expected an int >= 1"),
     (["task.eval_samples=0"], "Invalid task.eval_samples: 0; expected an int >= 1"),
     (["model.hidden=0"], "Invalid model.hidden: 0; expected an int >= 1"),
     (["model.n_layers=0"], "Invalid model.n_layers: 0; expected an int >= 1"),
@@ -98,8 +100,6 @@ BAD_INPUTS = [
         [DDPM, "task.beta_schedule=cubic"],
         "Unknown task.beta_schedule: 'cubic'; valid: linear, scaled_linear, squaredcos_cap_v2",
     ),
-    (["logging.progress=maybe"], "Invalid logging.progress: 'maybe'; expected true or false"),
-    (["+debug=1"], "Invalid debug: 1; expected true or false"),
     # Combinations.
     (
         ["task.replay.fraction=0.5"],
@@ -122,7 +122,7 @@ BAD_INPUTS = [
         "multiple of 4",
     ),
     (
-        ["+resume=auto", "+overwrite=true"],
+        ["resume=auto", "overwrite=true"],
         "resume=auto and overwrite=true contradict each other: resume continues the run in the "
         "run directory, overwrite starts a new one there; pass one of them",
     ),
