@@ -3,10 +3,11 @@
     python train.py env=hypergrid env.ndim=4 env.height=8 loss=db optim.lr=3e-3 seed=2
     python train.py -m optim=vradam,adamw seed=0,1,2
 
-Each run writes its resolved config (config.yaml), its identity (run.json), TensorBoard events,
-metrics.json and checkpoints (checkpoints/) to its run directory (`runs/<date>/<time>`, or
-`multirun/<date>/<time>/<job>` for -m). `resume=auto` continues the run in `hydra.run.dir` from
-its latest checkpoint; `overwrite=true` replaces it; `debug=true` adds tracebacks to refusals.
+Each run writes its resolved config (.hydra/config.yaml), its identity (run.json), TensorBoard
+events, metrics.json and checkpoints (checkpoints/) to its run directory (`runs/<date>/<time>`,
+or `multirun/<date>/<time>/<job>` for -m). `resume=auto` continues the run in `hydra.run.dir`
+from its latest checkpoint; `overwrite=true` replaces it; `debug=true` adds tracebacks to
+refusals.
 """
 
 from __future__ import annotations
@@ -80,10 +81,15 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     with refused_arguments(f"optim={cfg.optim.name}"):
         optimizer = build_optimizer(cfg.optim, task.param_groups())
 
-    # 3. Record the run (run.json, config.yaml), then train.
+    # 3. Record the run (run.json; Hydra's .hydra/config.yaml, resolved, and overrides.yaml,
+    # which Hydra itself is told not to write before these checks), then train.
     resolved = OmegaConf.to_container(cfg, resolve=True)
     start_run_dir(run_dir, identity, overwrite=cfg.overwrite)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    record = run_dir / ".hydra"
+    record.mkdir(exist_ok=True)
+    (record / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    overrides = list(HydraConfig.get().overrides.task)
+    (record / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
     resumed_at = None if cfg.resume is None else (0 if found is None else found[1]["step"])
     if found is not None:
         print(f"resuming from {found[0]} (step {resumed_at})", file=sys.stderr)

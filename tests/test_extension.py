@@ -103,7 +103,7 @@ def test_a_new_env_trains_from_its_own_config_dir(project: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["l1"] == pytest.approx(l1[-1].value, rel=1e-6)
     assert metrics["l1"] < 0.5 * l1[0].value  # the exact L1 drops as the policy learns
-    config = OmegaConf.load(run / "config.yaml")
+    config = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert config.env == {"_target_": "my_envs.Subsets", "n_items": 6, "seed": 0}
 
 
@@ -111,7 +111,7 @@ def test_target_override_without_yaml(project: Path) -> None:
     quick = ("train.steps=10", "train.eval_every=10", "logging.progress=false")
     done = _train(project, "~env", "+env._target_=my_envs.Subsets", "+env.n_items=4", *quick)
     assert done.returncode == 0, done.stderr
-    config = OmegaConf.load(project / "run" / "config.yaml")
+    config = OmegaConf.load(project / "run" / ".hydra" / "config.yaml")
     assert config.env == {"_target_": "my_envs.Subsets", "n_items": 4}  # no HyperGrid keys
 
     # Setting only the target keeps HyperGrid's keys, which Subsets does not take.

@@ -51,7 +51,8 @@ def test_hypergrid_run_logs_what_it_promises(tmp_path):
     assert metrics["tv"] == pytest.approx(metrics["l1"] / 2)
     assert metrics["l1"] < 0.5  # 4,800 trajectories on a 4x4 grid; a random policy is near 1
     assert (tmp_path / "checkpoints" / "checkpoint_0000300.pt").is_file()
-    assert "height: 4" in (tmp_path / "config.yaml").read_text()
+    assert "height: 4" in (tmp_path / ".hydra" / "config.yaml").read_text()
+    assert "env.height=4" in (tmp_path / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_multirun_sweeps_optimizers(tmp_path):
@@ -61,7 +62,7 @@ def test_multirun_sweeps_optimizers(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     for job, name in (("0", "vradam"), ("1", "adamw")):
-        assert f"name: {name}" in (tmp_path / job / "config.yaml").read_text()
+        assert f"name: {name}" in (tmp_path / job / ".hydra" / "config.yaml").read_text()
         assert "l1" in json.loads((tmp_path / job / "metrics.json").read_text())
     assert "optim/eta" not in _tags(tmp_path / "1")["scalars"]
 
