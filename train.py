@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from kinetic import MonitorConfig, RunLogger, Task, TrainConfig, build_task, train
 from kinetic.checkpoint import check_run_dir, run_identity, start_run_dir
 from kinetic.errors import EXIT_DIVERGED, EXIT_USER_ERROR, ConfigError, refused_arguments
-from kinetic.interrupt import RunInterrupted, resume_command
+from kinetic.interrupt import RunInterrupted, StopRequest, resume_command
 from kinetic.resume import find_resume_checkpoint
 from kinetic.stability.guard import NonFiniteError
 from kinetic.validate import validate_config
@@ -97,11 +97,12 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
         run_dir, cfg.train.steps, progress=cfg.logging.progress, resumed_at=resumed_at
     )
     try:
-        metrics = train(
-            task, optimizer, train_config, monitor=monitor, logger=logger,
-            log_images=cfg.logging.images, run_config=resolved,
-            resume=None if found is None else found[1], identity=identity,
-        )  # fmt: skip
+        with StopRequest() as stop:  # SIGTERM/Ctrl-C: finish the step, checkpoint, stop
+            metrics = train(
+                task, optimizer, train_config, monitor=monitor, logger=logger,
+                log_images=cfg.logging.images, run_config=resolved,
+                resume=None if found is None else found[1], identity=identity, stop=stop,
+            )  # fmt: skip
     finally:
         logger.close()
     summary = " ".join(f"{k}={metrics[k]:.4g}" for k in task.summary_keys if k in metrics)

@@ -4,13 +4,12 @@
 config. Each step reads top to bottom in phases: batch -> loss -> backward -> guard -> clip ->
 step -> schedule -> monitors -> log -> evaluate -> callbacks -> checkpoint. With a run
 directory, a checkpoint holds everything the next step depends on (kinetic/resume.py), is written
-every `checkpoint_every` steps, after the last step, when the guard stops a run and on the first
-SIGTERM/Ctrl-C; `resume=` continues from one exactly.
+every `checkpoint_every` steps, after the last step, when the guard stops a run and when a
+`StopRequest` (SIGTERM/Ctrl-C) asks for one; `resume=` continues from one exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import sys
@@ -80,6 +79,7 @@ def train(
     run_config: Mapping[str, Any] | None = None,
     resume: Mapping[str, Any] | None = None,
     identity: Mapping[str, Any] | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, float]:
     """Run `config.steps` optimisation steps of `task` with `optimizer`; returns the final
     metrics (the last evaluation's, the last loss, steps, items, throughput, wall time).
@@ -101,11 +101,13 @@ def train(
             stopped (on the CPU, bit for bit).
         identity: what the run is (`kinetic.checkpoint.run_identity`), stored in its
             checkpoints so that a resume under another task, environment or model is refused.
+        stop: a `StopRequest` whose signal (SIGTERM, Ctrl-C) ends the run after the step in
+            progress, with a checkpoint, by raising `RunInterrupted` (train.py runs the loop
+            inside `with StopRequest() as stop`).
 
     With a run directory (`logger.run_dir`), checkpoints go to its checkpoints/ folder (the
     last `config.keep_checkpoints`): every `config.checkpoint_every` steps, after the last step,
-    and on the first SIGTERM or Ctrl-C, which then ends the run with `RunInterrupted` after
-    the step in progress (a second one stops at once).
+    and when `stop` asks for one.
 
     A step whose loss or gradients are not finite is skipped when the guard is on: no optimizer
     step, no schedule step, no `after_step`, no callbacks, and the step number does not
@@ -121,13 +123,13 @@ def train(
     schedule = task.lr_schedule(optimizer, tc)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stability_monitor, guard = _build_monitors(monitor, task, optimizer, tc.log_every)
+    # Resume: the state after step `done`, and what the loop itself carries across steps (the
+    # last evaluation's metrics and the last loss, for the final metrics; the time spent).
     checkpoints = (
         None if logger.run_dir is None else Checkpoints(logger.run_dir, tc.keep_checkpoints)
     )
-    # What the loop itself carries from step to step, checkpointed with the rest: the last
-    # evaluation's metrics and loss (the final metrics), and the time spent so far.
     carried: dict[str, Any] = {"metrics": {}, "loss": math.nan, "wall": 0.0, "eval_time": 0.0}
-    done = 0  # the last applied step
+    done = 0
     if resume is not None:
         done, carried = restore_training_state(
             resume, task=task, optimizer=optimizer, schedule=schedule, monitor=stability_monitor,
@@ -138,121 +140,116 @@ def train(
         """A checkpoint of the state after step `at` (None without a run directory)."""
         if checkpoints is None:
             return None
-        carried["wall"] = wall_before + time.perf_counter() - start
-        carried["eval_time"] = eval_time
+        carried.update(wall=wall_before + time.perf_counter() - start, eval_time=eval_time)
         payload = capture_training_state(
             step=at, task=task, optimizer=optimizer, schedule=schedule,
             monitor=stability_monitor, guard=guard, loop=carried, generators=task.generators(),
         )  # fmt: skip
-        payload |= {"identity": dict(identity or {}), "config": dict(run_config)}
-        return checkpoints.save(at, **payload)
+        return checkpoints.save(at, **payload, identity=dict(identity or {}), config=run_config)
 
     metrics: dict[str, float] = dict(carried["metrics"])
     wall_before = carried["wall"]
     start = time.perf_counter()
     eval_time = carried["eval_time"]  # excluded from the throughput
     window_start, window_eval = start, 0.0
+    last_loss = None  # the last step's loss tensor, read once at the end
     step = done + 1
-    last_loss = None  # the last step's loss tensor (read once, at the end)
-    with contextlib.ExitStack() as handlers:
-        # SIGTERM/Ctrl-C: finish the step, checkpoint, stop (only where a checkpoint can go).
-        stop = StopRequest()
-        if checkpoints is not None:
-            handlers.enter_context(stop)
-        while step <= tc.steps:
-            # Batch: sample one and score it.
-            loss, extras = task.loss(step)
+    while step <= tc.steps:
+        # Batch: sample one and score it.
+        loss, extras = task.loss(step)
 
-            # Backward, then the gradient norm (a device tensor: no sync). The norm is a pass
-            # over every gradient, so it is skipped on steps where nothing (clip, guard, monitor,
-            # log) needs it.
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            logging_step = step % tc.log_every == 0 or step == tc.steps
-            needs_norm = guard is not None or stability_monitor is not None
-            if tc.clip_grad_norm > 0 or logging_step or needs_norm:
-                grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in params if p.grad is not None]
-                )
+        # Backward, then the gradient norm (a device tensor: no sync). The norm is a pass over
+        # every gradient, so it is skipped on steps where nothing (clip, guard, monitor, log)
+        # needs it.
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        logging_step = step % tc.log_every == 0 or step == tc.steps
+        needs_norm = guard is not None or stability_monitor is not None
+        if tc.clip_grad_norm > 0 or logging_step or needs_norm:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in params if p.grad is not None]
+            )
 
-            # Guard: skip a non-finite step before it touches the parameters (one host sync).
-            if guard is not None and not guard.is_finite(loss, grad_norm, params):
-                logger.scalars(step, {"stability/nonfinite_skips": float(guard.total_skips)})
-                if guard.exhausted:
-                    path = save(step - 1)  # the last applied step, its streams as they are now
-                    raise NonFiniteError(guard.stop_message(step, str(path)))
-                continue
+        # Guard: skip a non-finite step before it touches the parameters (one host sync).
+        if guard is not None and not guard.is_finite(loss, grad_norm, params):
+            logger.scalars(step, {"stability/nonfinite_skips": float(guard.total_skips)})
+            if guard.exhausted:
+                path = save(step - 1)  # the last applied step, its streams as they are now
+                raise NonFiniteError(guard.stop_message(step, str(path)))
+            continue
 
-            # Clip.
-            if tc.clip_grad_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, tc.clip_grad_norm, grad_norm)
+        # Clip.
+        if tc.clip_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, tc.clip_grad_norm, grad_norm)
 
-            # Step (the monitor remembers theta_{t-1} just before it), schedule, task hooks.
+        # Step (the monitor remembers theta_{t-1} just before it), schedule, task hooks.
+        if stability_monitor is not None:
+            stability_monitor.before_step(step)
+        lr = optimizer.param_groups[0]["lr"]  # this step's alpha_0, before the schedule moves it
+        optimizer.step()
+        schedule.step()
+        task.after_step(step)
+        logger.progress(1)
+
+        # Monitors: update cosine, sign flips, spikes (device ops, no sync); the sharpness
+        # probe when due (syncs, 2 * iters Hessian-vector products).
+        stability: dict[str, float] = {}
+        if stability_monitor is not None:
+            stability_monitor.after_step(step, loss, grad_norm)
+            if stability_monitor.probe_due(step):
+                stability |= stability_monitor.probe(functools.partial(task.probe_loss, step))
+
+        # Log: float() syncs with the device, so only every log_every steps.
+        if logging_step:
+            now = time.perf_counter()
+            steps_in_window = (step - 1) % tc.log_every + 1
+            rate = (
+                steps_in_window * task.items_per_step / max(now - window_start - window_eval, 1e-9)
+            )
+            scalars = {"train/loss": loss.detach(), "train/grad_norm": grad_norm, **extras}
+            scalars["train/lr"] = lr
+            scalars |= {f"optim/{k}": v for k, v in velocity_scalars(optimizer, lr).items()}
+            scalars = {k: float(v) for k, v in scalars.items()}
+            scalars[f"perf/{task.items_name}_per_sec"] = rate
             if stability_monitor is not None:
-                stability_monitor.before_step(step)
-            lr = optimizer.param_groups[0]["lr"]  # this step's alpha_0, before the schedule
-            optimizer.step()
-            schedule.step()
-            task.after_step(step)
-            logger.progress(1)
+                stability |= stability_monitor.scalars()
+            if guard is not None:
+                stability["stability/nonfinite_skips"] = float(guard.total_skips)
+            logger.scalars(step, scalars | stability)
+            logger.postfix(loss=scalars["train/loss"])
+            window_start, window_eval = now, 0.0
+        if stability_monitor is not None and stability:
+            for line in stability_monitor.warnings(step, stability):
+                logger.warn(step, line)
 
-            # Monitors: update cosine, sign flips, spikes (device ops, no sync); the sharpness
-            # probe when due (syncs, 2 * iters Hessian-vector products).
-            stability: dict[str, float] = {}
-            if stability_monitor is not None:
-                stability_monitor.after_step(step, loss, grad_norm)
-                if stability_monitor.probe_due(step):
-                    stability |= stability_monitor.probe(functools.partial(task.probe_loss, step))
+        # Evaluate (not counted in the training throughput).
+        if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
+            eval_start = time.perf_counter()
+            metrics = task.evaluate(step)
+            logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+            if log_images:
+                for tag, image in task.images(step).items():
+                    logger.image(step, f"eval/{tag}", image)
+            logger.postfix(**{k: metrics[k] for k in task.progress_keys if k in metrics})
+            spent = time.perf_counter() - eval_start
+            eval_time += spent
+            window_eval += spent
 
-            # Log: float() syncs with the device, so only every log_every steps.
-            if logging_step:
-                now = time.perf_counter()
-                steps_in_window = (step - 1) % tc.log_every + 1
-                busy = max(now - window_start - window_eval, 1e-9)
-                rate = steps_in_window * task.items_per_step / busy
-                scalars = {"train/loss": loss.detach(), "train/grad_norm": grad_norm, **extras}
-                scalars["train/lr"] = lr
-                scalars |= {f"optim/{k}": v for k, v in velocity_scalars(optimizer, lr).items()}
-                scalars = {k: float(v) for k, v in scalars.items()}
-                scalars[f"perf/{task.items_name}_per_sec"] = rate
-                if stability_monitor is not None:
-                    stability |= stability_monitor.scalars()
-                if guard is not None:
-                    stability["stability/nonfinite_skips"] = float(guard.total_skips)
-                logger.scalars(step, scalars | stability)
-                logger.postfix(loss=scalars["train/loss"])
-                window_start, window_eval = now, 0.0
-            if stability_monitor is not None and stability:
-                for line in stability_monitor.warnings(step, stability):
-                    logger.warn(step, line)
+        # Callbacks, then the checkpoint (also when a signal asked the run to stop).
+        for callback in callbacks:
+            callback(step)
+        last_loss = loss
+        stopping = stop is not None and stop.requested
+        periodic = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
+        path = None
+        if checkpoints is not None and (periodic or step == tc.steps or stopping):
+            carried.update(metrics=metrics, loss=float(loss.detach()))  # syncs, as the save does
+            path = save(step)
+        if stopping:
+            raise RunInterrupted(stop.signal, stop.exit_code, step, path)
+        step += 1
 
-            # Evaluate (not counted in the training throughput).
-            if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
-                eval_start = time.perf_counter()
-                metrics = task.evaluate(step)
-                logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-                if log_images:
-                    for tag, image in task.images(step).items():
-                        logger.image(step, f"eval/{tag}", image)
-                logger.postfix(**{k: metrics[k] for k in task.progress_keys if k in metrics})
-                spent = time.perf_counter() - eval_start
-                eval_time += spent
-                window_eval += spent
-
-            # Callbacks, then the checkpoint (a SIGTERM or Ctrl-C during the step asks for one and
-            # ends the run here).
-            for callback in callbacks:
-                callback(step)
-            last_loss = loss
-            periodic = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
-            if checkpoints is not None and (periodic or step == tc.steps or stop.requested):
-                carried["metrics"], carried["loss"] = metrics, float(loss.detach())
-                path = save(step)
-                if stop.requested:
-                    raise RunInterrupted(stop.signal, stop.exit_code, step, path)
-            step += 1
-
-    # The final metrics (the checkpoint of the last step is written above).
+    # The final metrics (the last step's checkpoint is written above).
     wall = wall_before + time.perf_counter() - start
     items = tc.steps * task.items_per_step
     final = {
