@@ -29,6 +29,7 @@ from kinetic import MonitorConfig, RunLogger, Task, TrainConfig, build_task, tra
 from kinetic.checkpoint import check_run_dir, run_identity, start_run_dir
 from kinetic.errors import EXIT_DIVERGED, EXIT_USER_ERROR, ConfigError, refused_arguments
 from kinetic.interrupt import RunInterrupted, StopRequest, resume_command
+from kinetic.logging import config_hparams
 from kinetic.resume import find_resume_checkpoint
 from kinetic.stability.guard import NonFiniteError
 from kinetic.validate import validate_config
@@ -96,6 +97,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     logger = RunLogger(
         run_dir, cfg.train.steps, progress=cfg.logging.progress, resumed_at=resumed_at
     )
+    hydra_cfg = HydraConfig.get()  # the HParams tab: this run's overrides and group choices
+    logger.hparams(config_hparams(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices))
     try:
         with StopRequest() as stop:  # SIGTERM/Ctrl-C: finish the step, checkpoint, stop
             metrics = train(
