@@ -75,7 +75,8 @@ def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {
         tag: [(e.step, e.value) for e in events.Scalars(tag)]
         for tag in events.Tags()["scalars"]
-        if not tag.startswith("perf/")  # throughput: wall-clock, never reproducible
+        # Throughput and wall time (perf/*, final/wall_time_s, ...) are never reproducible.
+        if not tag.startswith("perf/") and tag.rsplit("/", 1)[-1] not in TIMING
     }
 
 
