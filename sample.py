@@ -3,7 +3,8 @@
     python sample.py run_dir=runs/2026-11-21/10-00-00 n=64 seed=0
     python sample.py run_dir=... scheduler=ddim steps=50 ema=false out=grid.png
 
-The UNet is rebuilt from the run's checkpoint (its resolved config and weights); the EMA weights
+The UNet is rebuilt from the run's latest checkpoint (its resolved config and weights; a damaged
+newest file is skipped with a warning, as `resume=auto` does); the EMA weights
 are used unless `ema=false`. `scheduler` (ddpm | ddim) and `steps` default to the run's
 evaluation sampler (task.sampling). The grid goes to `out` (default: <run_dir>/samples/sample.png).
 """
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 
 from diffusion.sampling import build_sampler, image_grid, sample_images, save_grid
 from diffusion.task import build_noise_scheduler, build_unet
-from kinetic.checkpoint import load_checkpoint
+from kinetic.checkpoint import CHECKPOINT_DIR, Checkpoints
 
 DEFAULTS = {
     "run_dir": None, "n": 64, "scheduler": None, "steps": None, "seed": 0, "ema": True,
@@ -54,15 +55,16 @@ def sample_run(args: dict) -> Path:
     run_dir = Path(str(args["run_dir"]))
     if not run_dir.is_dir():
         raise ValueError(f"No run directory at {run_dir}")
-    path = run_dir / "checkpoint.pt"
-    if not path.is_file():
-        raise ValueError(f"No checkpoint at {path} (has the run finished?)")
-    checkpoint = load_checkpoint(path)
+    found = Checkpoints(run_dir).load_latest(warn=lambda line: print(f"warning: {line}"))
+    if found is None:
+        folder = run_dir / CHECKPOINT_DIR
+        raise ValueError(f"No checkpoint in {folder} (has the run written one yet?)")
+    path, checkpoint = found
     cfg = OmegaConf.create(checkpoint["config"])
     if cfg.task.name != "ddpm":
         raise ValueError(f"{path} is a task={cfg.task.name} run; sample.py needs task=ddpm")
     torch.set_num_threads(args["threads"])
-    state = checkpoint["model"]
+    state = checkpoint["task"]
     model = build_unet(cfg.model, cfg.data.channels, cfg.data.resolution)
     model.load_state_dict(state["ema_unet"] if args["ema"] else state["unet"])
     train_scheduler = build_noise_scheduler(cfg.task)

@@ -3,8 +3,11 @@
     python train.py env=hypergrid env.ndim=4 env.height=8 loss=db optim.lr=3e-3 seed=2
     python train.py -m optim=vradam,adamw seed=0,1,2
 
-Each run writes its resolved config, TensorBoard events, metrics.json and a checkpoint to its
-run directory (`runs/<date>/<time>`, or `multirun/<date>/<time>/<job>` for -m).
+Each run writes its resolved config (.hydra/config.yaml), its identity (run.json), TensorBoard
+events, metrics.json and checkpoints (checkpoints/) to its run directory (`runs/<date>/<time>`,
+or `multirun/<date>/<time>/<job>` for -m). `resume=auto` continues the run in `hydra.run.dir`
+from its latest checkpoint; `overwrite=true` replaces it; `debug=true` adds tracebacks to
+refusals.
 
     torchrun --nproc_per_node=2 train.py env=hypergrid
 
@@ -17,12 +20,15 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import random
 import shutil
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -38,8 +44,13 @@ from kinetic import (
     distributed,
     train,
 )
+from kinetic.checkpoint import check_run_dir, run_identity, start_run_dir
+from kinetic.errors import EXIT_DIVERGED, EXIT_USER_ERROR, ConfigError, refused_arguments
+from kinetic.interrupt import RunInterrupted, StopRequest, resume_command
 from kinetic.logging import config_hparams
+from kinetic.resume import find_resume_checkpoint
 from kinetic.stability.guard import NonFiniteError
+from kinetic.validate import validate_config
 from optim import build_optimizer
 
 
@@ -59,35 +70,78 @@ def describe(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
-    """One run of the composed config `cfg`; returns its final metrics and its task."""
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)  # the model's initialisation: the same on every rank
+    """One run of the composed config `cfg`; returns its final metrics and its task.
+
+    Every check comes before the first write, so a refused input (a `ConfigError`) leaves an
+    existing run directory as it was: first the values' ranges, the run directory and the
+    checkpoint to resume; then building the task and the optimizer from the config (the config
+    boundary: a constructor's ValueError or TypeError there is a refused argument); only then
+    is the run recorded and started.
+    """
+    # 1. Refuse bad values, a run directory holding another run, a missing or foreign checkpoint.
+    validate_config(cfg)
+    train_config = TrainConfig(**cfg.train).validate()
+    with refused_arguments(""):
+        monitor = MonitorConfig.from_dict(cfg.monitor)
     # Under torchrun: join the process group; rank 0's run directory is the run's.
     distributed.init_from_env(cfg.get("device", "cpu"))
     distributed.silence_other_ranks()
     main_process = distributed.is_main_process()
+    if distributed.is_distributed() and cfg.resume is not None:
+        raise ConfigError(
+            f"resume={cfg.resume} with {distributed.world_size()} processes: resuming a "
+            "torchrun run is not supported yet (a checkpoint holds one process's random streams "
+            "and replay buffer); resume it in one process, or start a new run"
+        )
     run_dir = Path(distributed.agree(HydraConfig.get().runtime.output_dir))
-    task = build_task(cfg, run_dir)
-    optimizer = build_optimizer(cfg.optim, task.param_groups())
-    train_config = TrainConfig(**cfg.train).validate()
-    monitor = MonitorConfig.from_dict(cfg.monitor)  # validated before the progress bar starts
-    run_config = OmegaConf.to_container(cfg, resolve=True)
+    identity = run_identity(cfg)
+    check_run_dir(run_dir, identity, resume=cfg.resume, overwrite=cfg.overwrite)
+    found = find_resume_checkpoint(
+        run_dir, cfg.resume, identity, train_config.keep_checkpoints, warn=_warn
+    )
+
+    # 2. Build the task (environment or data, networks) and the optimizer.
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # the model's initialisation: the same on every rank
+    np.random.seed(cfg.seed % 2**32)  # every global stream seeded: a run is its config
+    random.seed(cfg.seed)
+    with refused_arguments(""):
+        task = build_task(cfg, run_dir)
+    with refused_arguments(f"optim={cfg.optim.name}"):
+        optimizer = build_optimizer(cfg.optim, task.param_groups())
+
+    # 3. Record the run (run.json; Hydra's .hydra/config.yaml, resolved, and overrides.yaml,
+    # which Hydra itself is told not to write before these checks), then train. Rank 0 alone
+    # writes the events, metrics.json and the checkpoints, and shows progress.
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     if distributed.is_distributed():
-        run_config["distributed"] = batches = distributed_batches(cfg)
+        resolved["distributed"] = batches = distributed_batches(cfg)
         if main_process:
             print(", ".join(f"{k}={v}" for k, v in batches.items()), flush=True)
-    # Rank 0 alone writes the events, metrics.json and the checkpoint, and shows progress.
+    resumed_at = None if cfg.resume is None else (0 if found is None else found[1]["step"])
     if main_process:
-        logger = RunLogger(run_dir, cfg.train.steps, progress=cfg.logging.progress)
+        start_run_dir(run_dir, identity, overwrite=cfg.overwrite)
+        record = run_dir / ".hydra"
+        record.mkdir(exist_ok=True)
+        (record / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        overrides = list(HydraConfig.get().overrides.task)
+        (record / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+        if found is not None:
+            print(f"resuming from {found[0]} (step {resumed_at})", file=sys.stderr)
+        logger = RunLogger(
+            run_dir, cfg.train.steps, progress=cfg.logging.progress, resumed_at=resumed_at
+        )
         hydra_cfg = HydraConfig.get()  # the HParams tab: this run's overrides and group choices
         logger.hparams(config_hparams(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices))
     else:
         logger = NullLogger()
     try:
-        metrics = train(
-            task, optimizer, train_config, monitor=monitor, logger=logger,
-            log_images=cfg.logging.images, run_config=run_config,
-        )  # fmt: skip
+        with StopRequest() as stop:  # SIGTERM/Ctrl-C: finish the step, checkpoint, stop
+            metrics = train(
+                task, optimizer, train_config, monitor=monitor, logger=logger,
+                log_images=cfg.logging.images, run_config=resolved,
+                resume=None if found is None else found[1], identity=identity, stop=stop,
+            )  # fmt: skip
     finally:
         if main_process:
             logger.close()
@@ -124,21 +178,51 @@ def quiet_hydra_on_other_ranks(argv: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+class _Exit(SystemExit):
+    """An exit whose code this program chose (Hydra's own errors exit with 1; see below)."""
+
+
 @hydra.main(config_path="configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
+    """Exit codes: 0 done, 2 refused input (nothing ran), 1 diverged or crashed, 128 + signal
+    number after a checkpoint on SIGTERM (143) or Ctrl-C (130)."""
     try:
         metrics, task = run(cfg)
-    except (ValueError, TypeError, NotImplementedError) as err:  # a user error: one line, exit 2
+    except ConfigError as err:  # a user error: one line (and the traceback with debug=true)
+        if cfg.get("debug"):
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        raise _Exit(EXIT_USER_ERROR) from None
     except (NonFiniteError, FloatingPointError) as err:  # diverged (not a user error): exit 1
         print(f"error: {err}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return math.nan  # one diverged job must not end a sweep (lr sweeps probe divergence)
-        sys.exit(1)
+        raise _Exit(EXIT_DIVERGED) from None
+    except RunInterrupted as stop:
+        command = resume_command(Path(HydraConfig.get().runtime.output_dir),
+                                 list(HydraConfig.get().overrides.task))  # fmt: skip
+        print(f"stopped: {stop}\nresume with: {command}", file=sys.stderr)
+        raise _Exit(stop.exit_code) from None
+    except Exception:  # a bug: its traceback, exit 1 (told apart from Hydra's errors below)
+        traceback.print_exc()
+        raise _Exit(1) from None
     return None if task.objective_key is None else metrics.get(task.objective_key)  # for sweepers
 
 
 if __name__ == "__main__":
     sys.argv = quiet_hydra_on_other_ranks(sys.argv)
-    main()
+    try:
+        main()
+    except _Exit:
+        raise
+    except SystemExit as exit:
+        # Hydra ends the process with code 1 on its own errors, before the run starts: an
+        # unknown config group option or key, a malformed override, a value of the wrong type.
+        # Its message names the problem; the exit code says "refused input", as ours does.
+        if exit.code == 1:
+            raise SystemExit(EXIT_USER_ERROR) from None
+        raise

@@ -21,7 +21,7 @@ from diffusion.data import load_digits_split
 from diffusion.quality import DigitQuality, cached_classifier
 from diffusion.sampling import build_sampler, sample_images
 from diffusion.task import build_noise_scheduler, build_unet
-from kinetic.checkpoint import load_checkpoint
+from kinetic.checkpoint import Checkpoints
 
 
 def main() -> None:
@@ -32,7 +32,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    checkpoint = load_checkpoint(args.run_dir / "checkpoint.pt")
+    _, checkpoint = Checkpoints(args.run_dir).load_latest() or (None, None)
+    if checkpoint is None:
+        raise SystemExit(f"error: no checkpoint in {args.run_dir / 'checkpoints'}")
     cfg = OmegaConf.create(checkpoint["config"])
     if cfg.task.name != "ddpm" or cfg.data.name != "digits":
         raise SystemExit("error: needs a task=ddpm run on data=digits")
@@ -40,7 +42,7 @@ def main() -> None:
     classifier = cached_classifier(cfg.task.cache_dir, train, labels, cfg.seed)
     quality = DigitQuality(classifier, reference, baseline)
     model = build_unet(cfg.model, cfg.data.channels, cfg.data.resolution)
-    model.load_state_dict(checkpoint["model"]["ema_unet"])
+    model.load_state_dict(checkpoint["task"]["ema_unet"])
     noise = build_noise_scheduler(cfg.task)
     ratios = []
     for seed in args.seeds:

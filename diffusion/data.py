@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
+from kinetic.errors import ConfigError
+from kinetic.validate import check_int, validate_image_folder
+
 DATASETS = ("digits", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MODES = {1: "L", 3: "RGB"}  # channels -> PIL mode
@@ -59,7 +62,7 @@ def load_digits_split(heldout_size: int, seed: int) -> tuple[Tensor, Tensor, Ten
     labels = torch.from_numpy(digits.target.astype(np.int64))
     n = images.shape[0]
     if not 0 < 2 * heldout_size < n:
-        raise ValueError(
+        raise ConfigError(
             f"Invalid data.heldout_size: {heldout_size}; expected an int in [1, {(n - 1) // 2}] "
             f"(two disjoint held-out sets out of {n} digits)"
         )
@@ -84,17 +87,10 @@ def load_image_folder(path: str | Path, resolution: int, channels: int) -> Tenso
     `resolution`, as (N, channels, R, R) in [-1, 1]. A file that cannot be read is reported
     with a warning and skipped; a folder with no readable image is an error naming the files."""
     if channels not in MODES:
-        raise ValueError(f"Invalid data.channels: {channels}; expected 1 (grayscale) or 3 (RGB)")
-    if resolution < 1:
-        raise ValueError(f"Invalid data.resolution: {resolution}; expected a positive int")
-    root = Path(path)
-    if not root.is_dir():
-        raise ValueError(f"data.path={path} is not a directory (data=folder needs a folder)")
+        raise ConfigError(f"Invalid data.channels: {channels}; expected 1 (grayscale) or 3 (RGB)")
+    check_int("data.resolution", resolution, 1)
+    root = validate_image_folder(path)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(
-            f"No images in data.path={path}; expected files ending in {', '.join(IMAGE_SUFFIXES)}"
-        )
     images, bad = [], []
     for file in files:
         try:
@@ -106,7 +102,7 @@ def load_image_folder(path: str | Path, resolution: int, channels: int) -> Tenso
         images.append(resize_center_crop(image[None], resolution))
     if not images:
         named = ", ".join(str(f) for f in bad[:3]) + (" ..." if len(bad) > 3 else "")
-        raise ValueError(f"No readable image in data.path={path}; cannot read {named}")
+        raise ConfigError(f"No readable image in data.path={path}; cannot read {named}")
     return torch.cat(images).clamp(0.0, 1.0) * 2.0 - 1.0
 
 
@@ -119,17 +115,16 @@ def build_dataset(cfg: DictConfig, seed: int) -> ImageData:
         return ImageData(name, resized, train, labels, heldout_a, heldout_b)
     if name == "folder":
         if cfg.path is None:
-            raise ValueError("data=folder needs data.path=DIR (a folder of PNG/JPEG images)")
+            raise ConfigError("data=folder needs data.path=DIR (a folder of PNG/JPEG images)")
         return ImageData(name, load_image_folder(cfg.path, cfg.resolution, cfg.channels))
-    raise ValueError(f"Unknown data.name: {name!r}; available: {', '.join(DATASETS)}")
+    raise ConfigError(f"Unknown data.name: {name!r}; available: {', '.join(DATASETS)}")
 
 
 class BatchSampler:
     """Random batches (with replacement) from an on-device image tensor, seeded."""
 
     def __init__(self, images: Tensor, batch_size: int, generator: torch.Generator) -> None:
-        if batch_size < 1:
-            raise ValueError(f"Invalid task.batch_size: {batch_size}; expected a positive int")
+        check_int("task.batch_size", batch_size, 1)
         self.images, self.batch_size, self.generator = images, batch_size, generator
 
     def __call__(self) -> Tensor:

@@ -21,6 +21,7 @@ from diffusion.data import BatchSampler, ImageData, build_dataset
 from diffusion.quality import DigitQuality, cached_classifier
 from diffusion.sampling import build_sampler, image_grid, sample_images, save_grid
 from kinetic import distributed
+from kinetic.checkpoint import check_state_shapes
 from kinetic.config import TrainConfig
 from kinetic.task import Task
 
@@ -246,3 +247,12 @@ class DDPMTask(Task):
         with self._ema_weights():
             ema_unet = {k: v.clone() for k, v in self.model.state_dict().items()}
         return {"unet": self.model.state_dict(), "ema_unet": ema_unet, "ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the UNet's weights and the EMA's state (its shadow weights and step count;
+        `ema_unet` is derived from them); a UNet of another shape is refused by name."""
+        check_state_shapes(state["unet"], self.model.state_dict(), "UNet")
+        self.model.load_state_dict(state["unet"])
+        self.ema.load_state_dict(state["ema"])
+        device = next(self.model.parameters()).device
+        self.ema.to(device=device)  # load_state_dict keeps the tensors where they were loaded

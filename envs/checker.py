@@ -20,6 +20,7 @@ from torch import Tensor
 
 from envs.base import Env
 from envs.rows import as_rows, row_keys
+from kinetic.errors import ConfigError
 
 __all__ = [
     "EnvCheckError",
@@ -45,8 +46,9 @@ PROBE_SIZE = 4  # copies of s0 the output checks call each method on, before any
 ROLLOUTS = " the rollouts reached"
 
 
-class EnvCheckError(ValueError):
-    """`check_env` found problems: one sentence each, in ``problems`` and in the message."""
+class EnvCheckError(ConfigError):
+    """`check_env` found problems: one sentence each, in ``problems`` and in the message (a
+    user error: train.py refuses the run with it, exit code 2)."""
 
     def __init__(self, env_name: str, problems: list[str]) -> None:
         self.env_name, self.problems = env_name, list(problems)

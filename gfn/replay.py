@@ -129,3 +129,46 @@ class ReplayBuffer:
             terminal_states=self.terminal_states[index],
             log_rewards=self.log_rewards[index],
         )
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, object]:
+        """The stored trajectories (the filled slots only), the write position and the size:
+        what a resumed run needs to draw the same replayed batches."""
+        filled = slice(0, self._size)  # slots fill in order, so the filled ones lead
+        return {
+            "states": self.states[filled].clone(),
+            "actions": self.actions[filled].clone(),
+            "lengths": self.lengths[filled].clone(),
+            "terminal_states": self.terminal_states[filled].clone(),
+            "log_rewards": self.log_rewards[filled].clone(),
+            "next": self._next,
+            "size": self._size,
+            "capacity": self.capacity,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore `state_dict()` into this buffer (same capacity and environment), on this
+        buffer's device; raises ValueError naming what does not fit."""
+        if state["capacity"] != self.capacity:
+            raise ValueError(
+                f"The replay buffer in the checkpoint holds {state['capacity']} trajectories, "
+                f"this one {self.capacity} (task.replay.capacity)"
+            )
+        size = int(state["size"])
+        for name in ("states", "actions", "lengths", "terminal_states", "log_rewards"):
+            mine, saved = getattr(self, name), state[name]
+            if tuple(saved.shape) != (size, *mine.shape[1:]):
+                raise ValueError(
+                    f"The replay buffer's {name} in the checkpoint have shape "
+                    f"{tuple(saved.shape)}; expected {(size, *mine.shape[1:])} for this "
+                    "environment"
+                )
+        self.states.zero_()
+        self.actions.fill_(PAD_ACTION)
+        self.lengths.zero_()
+        self.terminal_states.zero_()
+        self.log_rewards.zero_()
+        for name in ("states", "actions", "lengths", "terminal_states", "log_rewards"):
+            getattr(self, name)[:size] = state[name].to(getattr(self, name).device)
+        self._next, self._size = int(state["next"]), size

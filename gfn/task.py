@@ -10,7 +10,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from envs.base import Env
@@ -30,6 +30,8 @@ from gfn.sampler import Trajectories, sample_trajectories, trajectory_log_probs
 from gfn.scores import implied_log_z
 from gfn.state_dag import has_modes, implements, is_enumerable
 from kinetic import distributed
+from kinetic.checkpoint import CheckpointError, check_state_shapes
+from kinetic.errors import ConfigError, call_with_config
 from kinetic.task import Task
 
 # Losses that score state flows log F(s), so the policy needs a flow head.
@@ -38,10 +40,22 @@ MODELS = ("mlp", "gnn")
 
 
 def build_env(cfg: DictConfig) -> Env:
-    """The environment named by `cfg.env._target_` (an import path), built with its keys."""
-    env = hydra.utils.instantiate(cfg.env, _convert_="all")
+    """The environment named by `cfg.env._target_` (an import path), built with its keys. Its
+    constructor's refusal (a ValueError or TypeError) reaches the user in its own words as a
+    `ConfigError`, not wrapped in Hydra's InstantiationException."""
+    kwargs = OmegaConf.to_container(cfg.env, resolve=True)
+    target = kwargs.pop("_target_", None)
+    if not isinstance(target, str):
+        raise ConfigError(
+            "env needs _target_: the import path of an Env class, e.g. envs.hypergrid.HyperGrid"
+        )
+    try:
+        factory = hydra.utils.get_object(target)
+    except Exception as err:  # ImportError, AttributeError, ValueError: all say "not found"
+        raise ConfigError(f"env._target_={target} cannot be imported: {err}") from err
+    env = call_with_config(factory, kwargs, f"env={target.rsplit('.', 1)[-1]}")
     if not isinstance(env, Env):
-        raise TypeError(f"env._target_={cfg.env._target_} built a {type(env).__name__}, not an Env")
+        raise ConfigError(f"env._target_={target} built a {type(env).__name__}, not an Env")
     return env
 
 
@@ -277,7 +291,38 @@ class GFlowNetTask(Task):
         return {"distribution": side_by_side(terminals, p, p_star)}
 
     def state_dict(self) -> dict[str, Any]:
-        return self.model.state_dict()
+        """Everything the task carries from step to step: the GFlowNet's weights, the terminal
+        states visited and targets found so far (for modes_found), and the replay buffer."""
+        return {
+            "model": self.model.state_dict(),
+            "visited": self.visited.clone() if self.enumerable else None,
+            "found_targets": None if self.found_targets is None else self.found_targets.clone(),
+            "replay": None if self.replay is None else self.replay.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; a model of another shape or a replay buffer switched on or
+        off is refused by name."""
+        check_state_shapes(state["model"], self.model.state_dict(), "GFlowNet")
+        saved = None if state["replay"] is None else state["replay"]["capacity"]
+        capacity = None if self.replay is None else self.replay.capacity
+        if saved != capacity:
+            raise CheckpointError(
+                f"The checkpoint's replay buffer holds {saved or 'no'} trajectories, this run's "
+                f"{capacity or 'none'} (task.replay.capacity); resume with the run's own"
+            )
+        self.model.load_state_dict(state["model"])
+        if self.enumerable:
+            self.visited.copy_(state["visited"])
+        found = state["found_targets"]
+        self.found_targets = None if found is None else found.to(self.env.s0.device)
+        if self.replay is not None:
+            self.replay.load_state_dict(state["replay"])
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The training stream (batches, replay draws) and the evaluation's, which carries
+        across evaluations."""
+        return {"batches": self.generator, "eval": self.eval_generator}
 
 
 def side_by_side(terminals: Tensor, p: Tensor, p_star: Tensor, scale: int = 16) -> np.ndarray:

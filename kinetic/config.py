@@ -9,13 +9,14 @@ YAML files in configs/ are presets on top of these defaults. Range checks go in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from kinetic.stability.monitors import MonitorSchema
+from kinetic.validate import validate_train
 
 
 @dataclass
@@ -30,6 +31,11 @@ class TrainConfig:
         lr_schedule: the task's schedule name (default tasks: constant | linear | cosine; DDPM:
             diffusers' get_scheduler names), a multiplier on every group's lr.
         warmup_steps: linear warm-up steps at the start of the schedule.
+        checkpoint_every: steps between two checkpoints (checkpoints/checkpoint_<step>.pt in
+            the run directory; one is also written after the last step and on SIGTERM/Ctrl-C);
+            0 = only those. A run killed at any moment loses at most this many steps.
+        keep_checkpoints: the newest checkpoints kept (older ones are deleted); keeping more
+            than one lets a resume fall back past a damaged file.
     """
 
     steps: int = 3000
@@ -38,17 +44,13 @@ class TrainConfig:
     clip_grad_norm: float = 0.0
     lr_schedule: str = "cosine"
     warmup_steps: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
 
     def validate(self) -> TrainConfig:
-        """Raise ValueError on a value the loop cannot run with; returns self."""
-        for name in ("steps", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid train.{name}: {value!r}; expected an int >= 1")
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int):
-            raise ValueError(f"Invalid train.eval_every: {self.eval_every!r}; expected an int >= 0")
-        if self.eval_every < 0:
-            raise ValueError(f"Invalid train.eval_every: {self.eval_every}; expected an int >= 0")
+        """Raise `ConfigError` naming the key on a value the loop cannot run with; returns
+        self. (The schedule name is the task's to check: its schedules differ.)"""
+        validate_train(asdict(self), lr_schedules=None)
         return self
 
 
@@ -174,6 +176,9 @@ class KineticConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0  # seeds the model's initialisation and every stream of the run
     threads: int = 1  # CPU intra-op threads: 1 is fastest for small models on a 2-core machine
+    resume: str | None = None  # auto (the run directory's latest checkpoint) or a checkpoint path
+    overwrite: bool = False  # replace the run that the run directory already holds
+    debug: bool = False  # a refused input shows its full traceback too
 
 
 # Task schemas by task name; `register_schemas` stores them as `schema/task/<name>`.

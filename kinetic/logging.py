@@ -148,12 +148,26 @@ class RunLogger:
     as a failure (a diverged or interrupted run still shows, with its hyperparameters).
     """
 
-    def __init__(self, run_dir: Path, total_steps: int, progress: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        progress: bool = True,
+        resumed_at: int | None = None,
+    ) -> None:
+        """`resumed_at`: the step of the checkpoint a resumed run starts from (0: none yet).
+        TensorBoard then drops the events the interrupted run wrote after it (`purge_step`),
+        so each step's scalars appear once, as an uninterrupted run would have logged them;
+        the progress bar starts there."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        purge = None if resumed_at is None else resumed_at + 1
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge)
         self.writer.add_custom_scalars(STABILITY_LAYOUT)
-        self.bar = tqdm(total=total_steps, disable=not progress, dynamic_ncols=True, leave=False)
+        self.bar = tqdm(
+            total=total_steps, initial=resumed_at or 0, disable=not progress,
+            dynamic_ncols=True, leave=False,
+        )  # fmt: skip
         self._postfix: dict[str, str] = {}
         self._session = "none"  # none | open | ended
         self._last_step = 0

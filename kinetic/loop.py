@@ -2,8 +2,10 @@
 
 `train(task, optimizer, TrainConfig(...))` runs it from Python; train.py runs it from a composed
 config. Each step reads top to bottom in phases: batch -> loss -> backward -> guard -> clip ->
-step -> schedule -> monitors -> log -> evaluate -> callbacks; a checkpoint at the end (and when
-the guard stops a run).
+step -> schedule -> monitors -> log -> evaluate -> callbacks -> checkpoint. With a run
+directory, a checkpoint holds everything the next step depends on (kinetic/resume.py), is written
+every `checkpoint_every` steps, after the last step, when the guard stops a run and when a
+`StopRequest` (SIGTERM/Ctrl-C) asks for one; `resume=` continues from one exactly.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import numpy as np
 import torch
 
 from kinetic import distributed
-from kinetic.checkpoint import save_checkpoint
+from kinetic.checkpoint import Checkpoints
 from kinetic.config import TrainConfig
+from kinetic.interrupt import RunInterrupted, StopRequest
 from kinetic.logging import RunLogger
+from kinetic.resume import capture_training_state, restore_training_state
 from kinetic.stability.guard import NonFiniteError, NonFiniteGuard
 from kinetic.stability.monitors import MonitorConfig, StabilityMonitor, velocity_scalars
 from kinetic.task import Task
@@ -64,27 +68,6 @@ def _build_monitors(
     return stability, guard
 
 
-def _checkpoint(
-    task: Task,
-    optimizer: torch.optim.Optimizer,
-    run_config: Mapping[str, Any],
-    logger: RunLogger | NullLogger,
-    step: int,
-) -> Path | None:
-    """checkpoint.pt in the logger's run directory (none without one)."""
-    if logger.run_dir is None:
-        return None
-    path = Path(logger.run_dir) / "checkpoint.pt"
-    save_checkpoint(
-        path,
-        model=task.state_dict(),
-        optimizer=optimizer.state_dict(),
-        step=step,
-        config=dict(run_config),
-    )
-    return path
-
-
 def train(
     task: Task,
     optimizer: torch.optim.Optimizer,
@@ -95,6 +78,9 @@ def train(
     callbacks: Sequence[Callable[[int], None]] = (),
     log_images: bool = True,
     run_config: Mapping[str, Any] | None = None,
+    resume: Mapping[str, Any] | None = None,
+    identity: Mapping[str, Any] | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, float]:
     """Run `config.steps` optimisation steps of `task` with `optimizer`; returns the final
     metrics (the last evaluation's, the last loss, steps, items, throughput, wall time).
@@ -111,6 +97,18 @@ def train(
         log_images: log the task's `images` at each evaluation.
         run_config: the resolved config stored in the checkpoint (train.py passes the whole
             Hydra config); default: `{"train": ..., "monitor": ...}` of this call.
+        resume: a training checkpoint's payload (`kinetic.resume.find_resume_checkpoint`) to
+            continue from: the run goes on from the step after it exactly as if it had never
+            stopped (on the CPU, bit for bit).
+        identity: what the run is (`kinetic.checkpoint.run_identity`), stored in its
+            checkpoints so that a resume under another task, environment or model is refused.
+        stop: a `StopRequest` whose signal (SIGTERM, Ctrl-C) ends the run after the step in
+            progress, with a checkpoint, by raising `RunInterrupted` (train.py runs the loop
+            inside `with StopRequest() as stop`).
+
+    With a run directory (`logger.run_dir`), checkpoints go to its checkpoints/ folder (the
+    last `config.keep_checkpoints`): every `config.checkpoint_every` steps, after the last step,
+    and when `stop` asks for one.
 
     A step whose loss or gradients are not finite is skipped when the guard is on: no optimizer
     step, no schedule step, no `after_step`, no callbacks, and the step number does not
@@ -132,11 +130,37 @@ def train(
     stability_monitor, guard = _build_monitors(monitor, task, optimizer, tc.log_every)
     if not main:
         stability_monitor = None
-    metrics: dict[str, float] = {}
+    # Resume: the state after step `done`, and what the loop itself carries across steps (the
+    # last evaluation's metrics and the last loss, for the final metrics; the time spent).
+    checkpoints = (
+        None if logger.run_dir is None else Checkpoints(logger.run_dir, tc.keep_checkpoints)
+    )
+    carried: dict[str, Any] = {"metrics": {}, "loss": math.nan, "wall": 0.0, "eval_time": 0.0}
+    done = 0
+    if resume is not None:
+        done, carried = restore_training_state(
+            resume, task=task, optimizer=optimizer, schedule=schedule, monitor=stability_monitor,
+            guard=guard, generators=task.generators(),
+        )  # fmt: skip
+
+    def save(at: int) -> Path | None:
+        """A checkpoint of the state after step `at` (None without a run directory)."""
+        if checkpoints is None:
+            return None
+        carried.update(wall=wall_before + time.perf_counter() - start, eval_time=eval_time)
+        payload = capture_training_state(
+            step=at, task=task, optimizer=optimizer, schedule=schedule,
+            monitor=stability_monitor, guard=guard, loop=carried, generators=task.generators(),
+        )  # fmt: skip
+        return checkpoints.save(at, **payload, identity=dict(identity or {}), config=run_config)
+
+    metrics: dict[str, float] = dict(carried["metrics"])
+    wall_before = carried["wall"]
     start = time.perf_counter()
-    eval_time = 0.0  # excluded from the throughput
+    eval_time = carried["eval_time"]  # excluded from the throughput
     window_start, window_eval = start, 0.0
-    step = 1
+    last_loss = None  # the last step's loss tensor, read once at the end
+    step = done + 1
     while step <= tc.steps:
         # Batch: sample one and score it.
         loss, extras = task.loss(step)
@@ -160,7 +184,7 @@ def train(
         if guard is not None and not guard.is_finite(loss, grad_norm, params):
             logger.scalars(step, {"stability/nonfinite_skips": float(guard.total_skips)})
             if guard.exhausted:
-                path = _checkpoint(task, optimizer, run_config, logger, step - 1)
+                path = save(step - 1)  # the last applied step, its streams as they are now
                 raise NonFiniteError(guard.stop_message(step, str(path)))
             continue
 
@@ -225,17 +249,26 @@ def train(
             eval_time += spent
             window_eval += spent
 
-        # Callbacks, then the next step.
+        # Callbacks, then the checkpoint (also when a signal asked the run to stop).
         for callback in callbacks:
             callback(step)
+        last_loss = loss
+        stopping = stop is not None and stop.requested
+        periodic = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
+        path = None
+        if checkpoints is not None and (periodic or step == tc.steps or stopping):
+            carried.update(metrics=metrics, loss=float(loss.detach()))  # syncs, as the save does
+            path = save(step)
+        if stopping:
+            raise RunInterrupted(stop.signal, stop.exit_code, step, path)
         step += 1
 
-    # Checkpoint, and the final metrics.
-    wall = time.perf_counter() - start
+    # The final metrics (the last step's checkpoint is written above).
+    wall = wall_before + time.perf_counter() - start
     items = tc.steps * task.items_per_step
     final = {
         **metrics,
-        "loss": float(loss.detach()),
+        "loss": carried["loss"] if last_loss is None else float(last_loss.detach()),
         "steps": float(tc.steps),
         task.items_name: float(items),
         f"{task.items_name}_per_sec": items / max(wall - eval_time, 1e-9),
@@ -245,7 +278,6 @@ def train(
         final["nonfinite_skips"] = float(guard.total_skips)
     final = distributed.agree(final)  # rank 0's evaluation, on every rank
     logger.write_metrics(final)
-    _checkpoint(task, optimizer, run_config, logger, tc.steps)
     if not math.isfinite(final["loss"]):
         raise FloatingPointError(f"training ended with a non-finite loss ({final['loss']})")
     return final

@@ -90,6 +90,19 @@ class Task(ABC):
     def state_dict(self) -> dict[str, Any]:
         """What the checkpoint stores of the task (weights, EMA weights, ...)."""
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict()` returned, to resume a run. Default: refuse in words (a
+        task that carries state across steps must restore all of it to resume exactly)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot resume a run: it defines no load_state_dict(state) "
+            "restoring what its state_dict() returns"
+        )
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The task's own random streams by name, saved and restored with every checkpoint
+        (torch's global and numpy's streams are saved anyway). Default: `generator`, if any."""
+        return {} if self.generator is None else {"generator": self.generator}
+
     def images(self, step: int) -> dict[str, np.ndarray]:
         """Images to log at evaluation, (H, W, 3) in [0, 1]. Default: none."""
         return {}

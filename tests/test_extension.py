@@ -114,7 +114,8 @@ def test_target_override_without_yaml(project: Path) -> None:
     config = OmegaConf.load(project / "run" / ".hydra" / "config.yaml")
     assert config.env == {"_target_": "my_envs.Subsets", "n_items": 4}  # no HyperGrid keys
 
-    # Setting only the target keeps HyperGrid's keys, which Subsets does not take.
-    done = _train(project, "env._target_=my_envs.Subsets", *quick)
-    assert done.returncode != 0
+    # Setting only the target keeps HyperGrid's keys, which Subsets does not take: a refused
+    # input (exit code 2) that names them, in the same run directory (overwrite=true).
+    done = _train(project, "env._target_=my_envs.Subsets", "overwrite=true", *quick)
+    assert done.returncode == 2
     assert "unexpected keyword argument 'ndim'" in done.stderr

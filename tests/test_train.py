@@ -50,8 +50,9 @@ def test_hypergrid_run_logs_what_it_promises(tmp_path):
     assert metrics["trajectories"] == 300 * 16
     assert metrics["tv"] == pytest.approx(metrics["l1"] / 2)
     assert metrics["l1"] < 0.5  # 4,800 trajectories on a 4x4 grid; a random policy is near 1
-    assert (tmp_path / "checkpoint.pt").is_file()
+    assert (tmp_path / "checkpoints" / "checkpoint_0000300.pt").is_file()
     assert "height: 4" in (tmp_path / ".hydra" / "config.yaml").read_text()
+    assert "env.height=4" in (tmp_path / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_multirun_sweeps_optimizers(tmp_path):
@@ -75,7 +76,7 @@ def test_a_diverged_job_does_not_end_the_sweep(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "error: step 1: 2 consecutive non-finite steps skipped" in done.stderr
     assert not (tmp_path / "0" / "metrics.json").exists()
-    assert (tmp_path / "0" / "checkpoint.pt").is_file()
+    assert (tmp_path / "0" / "checkpoints" / "checkpoint_0000000.pt").is_file()
     assert "l1" in json.loads((tmp_path / "1" / "metrics.json").read_text())
 
 
@@ -95,8 +96,8 @@ def test_eta_ratio_is_against_the_lr_of_the_same_step(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("optim.lr=-1", "error: Invalid lr: -1; expected a float in (0, inf)"),
-        ("loss.name=foo", "error: Unknown loss: 'foo'; valid: tb, db, subtb, zvar, fm, mdb"),
+        ("optim.lr=-1", "error: optim=vradam: Invalid lr: -1; expected a float in (0, inf)"),
+        ("loss.name=foo", "error: Unknown loss.name: 'foo'; valid: tb, db, subtb, zvar, fm, mdb"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
@@ -107,9 +108,10 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
 
 def test_the_schemas_reject_a_wrong_type_before_the_run(tmp_path):
     """Hydra checks the composed config against kinetic/config.py's schemas (its own message,
-    exit code 1); tests/kinetic/test_config.py covers the schemas in-process."""
+    and exit code 2, a refused input like ours); tests/kinetic/test_config.py covers the schemas
+    in-process."""
     done = _train(f"hydra.run.dir={tmp_path}", "train.steps=abc")
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "Value 'abc' of type 'str' could not be converted to Integer" in done.stderr
     assert "full_key: train.steps" in done.stderr
     assert not (tmp_path / "metrics.json").exists()

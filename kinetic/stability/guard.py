@@ -79,3 +79,18 @@ class NonFiniteGuard:
             f"(monitor.nonfinite.max_consecutive={self.max_consecutive}); first non-finite "
             f"tensor: {self.culprit}; checkpoint: {checkpoint}"
         )
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int | str]:
+        """The skip counters and the last culprit (the parameter names are rebuilt)."""
+        return {
+            "total_skips": self.total_skips,
+            "consecutive": self.consecutive,
+            "culprit": self.culprit,
+        }
+
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        self.total_skips = int(state["total_skips"])
+        self.consecutive = int(state["consecutive"])
+        self.culprit = str(state["culprit"])

@@ -472,3 +472,55 @@ class StabilityMonitor:
                 "stability/eos_ratio": top_pre / threshold,
             }
         return values
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that carries from one step to the next: the ring of raw rows and its
+        counters, the two update buffers and which steps they hold, ||u_{t-1}||^2, the last and
+        the largest alpha_0, the spike scores' reference, the warning times and the probe seed.
+        Two parameter-sized copies (the update buffers) plus the ring."""
+        return {
+            "rows": self.rows.clone(),
+            "n_rows": self.n_rows,
+            "n_reported": self.n_reported,
+            "scratch": [t.clone() for t in self.scratch],
+            "neg_update": [t.clone() for t in self.neg_update],
+            "update_step": self.update_step,
+            "pair_step": self.pair_step,
+            "prev_sq": self.prev_sq.clone(),
+            "alpha0": self.alpha0,
+            "alpha0_max": self.alpha0_max,
+            "spike_reference": self.spike_reference.clone(),
+            "last_warned": dict(self.last_warned),
+            "probe_seed": self.probe_seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` into a monitor built with the same config, optimizer and
+        logging interval; raises ValueError when the ring or the parameters differ in shape."""
+        if tuple(state["rows"].shape) != tuple(self.rows.shape):
+            raise ValueError(
+                f"The stability monitor's ring in the checkpoint has shape "
+                f"{tuple(state['rows'].shape)}, this one {tuple(self.rows.shape)}: monitor.window, "
+                "monitor.every, monitor.oscillation_window or train.log_every changed"
+            )
+        shapes = [tuple(p.shape) for p in self.params]
+        for key in ("scratch", "neg_update"):
+            if [tuple(t.shape) for t in state[key]] != shapes:
+                raise ValueError(
+                    f"The stability monitor's {key} in the checkpoint do not fit the model"
+                )
+        with torch.no_grad():
+            self.rows.copy_(state["rows"])
+            torch._foreach_copy_(self.scratch, [t.to(self.rows.device) for t in state["scratch"]])
+            torch._foreach_copy_(
+                self.neg_update, [t.to(self.rows.device) for t in state["neg_update"]]
+            )
+            self.prev_sq = state["prev_sq"].to(self.prev_sq)
+            self.spike_reference = state["spike_reference"].to(self.spike_reference)
+        self.n_rows, self.n_reported = int(state["n_rows"]), int(state["n_reported"])
+        self.update_step, self.pair_step = int(state["update_step"]), int(state["pair_step"])
+        self.alpha0, self.alpha0_max = state["alpha0"], float(state["alpha0_max"])
+        self.last_warned = {str(k): int(v) for k, v in state["last_warned"].items()}
+        self.probe_seed = int(state["probe_seed"])

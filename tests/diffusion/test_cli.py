@@ -45,7 +45,7 @@ def test_train_logs_metrics_images_and_checkpoint(run_dir):
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
         "step_000010.png", "step_000020.png",
     ]  # fmt: skip
-    assert (run_dir / "checkpoint.pt").is_file()
+    assert (run_dir / "checkpoints" / "checkpoint_0000020.pt").is_file()
 
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -92,7 +92,7 @@ def test_sample_without_checkpoint(tmp_path):
     assert done.returncode == 2
     assert (
         done.stderr.strip()
-        == f"error: No checkpoint at {tmp_path / 'checkpoint.pt'} (has the run finished?)"
+        == f"error: No checkpoint in {tmp_path / 'checkpoints'} (has the run written one yet?)"
     )
 
 

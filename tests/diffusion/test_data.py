@@ -68,7 +68,7 @@ def test_folder_images_are_resized_cropped_and_scaled(tmp_path, channels, mode):
 
 
 def test_missing_folder(tmp_path):
-    msg = f"data.path={tmp_path / 'nope'} is not a directory (data=folder needs a folder)"
+    msg = f"data.path={tmp_path / 'nope'} does not exist; expected a folder of PNG/JPEG images"
     with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
         load_image_folder(tmp_path / "nope", 8, 1)
 

@@ -124,7 +124,7 @@ def test_nan_at_step_k_leaves_params_and_state_bit_identical(tmp_path, where):
 def test_stops_after_max_consecutive_skips_with_a_checkpoint(tmp_path):
     task = _NaNTask(bad_calls={3, 4, 5}, where="grad")
     optimizer = task.optimizer = torch.optim.AdamW(task.param_groups(), lr=1e-2)
-    path = tmp_path / "checkpoint.pt"
+    path = tmp_path / "checkpoints" / "checkpoint_0000002.pt"  # the last applied step
     message = (
         "step 3: 3 consecutive non-finite steps skipped (monitor.nonfinite.max_consecutive=3); "
         f"first non-finite tensor: gradient of 2.bias; checkpoint: {path}"
@@ -133,7 +133,7 @@ def test_stops_after_max_consecutive_skips_with_a_checkpoint(tmp_path):
         _train(task, optimizer, 10, _Logger(tmp_path), max_consecutive=3)
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["step"] == 2
-    for name, value in checkpoint["model"].items():
+    for name, value in checkpoint["task"].items():
         assert torch.equal(value, task.model.state_dict()[name])
 
 
@@ -142,7 +142,8 @@ def test_loss_is_named_when_it_is_the_culprit(tmp_path):
     optimizer = task.optimizer = torch.optim.AdamW(task.param_groups(), lr=1e-2)
     message = (
         "step 1: 1 consecutive non-finite steps skipped (monitor.nonfinite.max_consecutive=1); "
-        f"first non-finite tensor: loss (nan); checkpoint: {tmp_path / 'checkpoint.pt'}"
+        "first non-finite tensor: loss (nan); "
+        f"checkpoint: {tmp_path / 'checkpoints' / 'checkpoint_0000000.pt'}"
     )
     with pytest.raises(NonFiniteError, match=f"^{re.escape(message)}$"):
         _train(task, optimizer, 10, _Logger(tmp_path), max_consecutive=1)
@@ -163,5 +164,5 @@ def test_command_line_stop_is_one_line_and_exit_code_1(tmp_path):
     assert done.stderr.strip() == (
         "error: step 1: 2 consecutive non-finite steps skipped "
         "(monitor.nonfinite.max_consecutive=2); first non-finite tensor: loss (nan); "
-        f"checkpoint: {tmp_path / 'checkpoint.pt'}"
+        f"checkpoint: {tmp_path / 'checkpoints' / 'checkpoint_0000000.pt'}"
     )
