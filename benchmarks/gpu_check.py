@@ -75,10 +75,8 @@ Step = Callable[[], None]
 def runnable_vradam_impls(device: torch.device) -> list[str]:
     """VRAdam's implementations that run on `device` (Triton needs CUDA and triton)."""
     impls = [i for i in optim.vradam.IMPLEMENTATIONS if i != "auto"]
-    if "triton" in impls:
-        available = getattr(optim.vradam, "triton_available", lambda: False)
-        if device.type != "cuda" or not available():
-            impls.remove("triton")
+    if "triton" in impls and not (device.type == "cuda" and optim.vradam.triton_available()):
+        impls.remove("triton")
     return impls
 
 

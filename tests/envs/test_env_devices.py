@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from envs import HyperGrid
-from envs.base import Env
 from envs.bitseq import BitSequence
 from envs.checker import EnvCheckError, check_env
 from envs.graphs import GraphBuilding
@@ -85,31 +84,11 @@ def test_exact_evaluation_follows_the_env_to_its_device(device):
     assert on_device["l1"] == pytest.approx(on_cpu["l1"], abs=1e-5)
 
 
-class _LeavesTheDevice(Env):
-    """A walk on 0..2 whose log_reward returns its tensor on another device (meta)."""
-
-    n_actions, state_shape, state_dtype, max_steps = 2, (1,), torch.long, 2
-
-    def __init__(self) -> None:
-        self.s0 = torch.zeros(1, dtype=torch.long)
-
-    def forward_mask(self, states):
-        return torch.cat([states < 2, torch.ones_like(states, dtype=torch.bool)], dim=1)
-
-    def backward_mask(self, states):
-        return states > 0
-
-    def step(self, states, actions):
-        return states + 1
-
-    def backward_step(self, states, actions):
-        return states - 1
+class _LeavesTheDevice(HyperGrid):
+    """A HyperGrid whose log_reward returns its tensor on another device (meta)."""
 
     def log_reward(self, states):
-        return states[:, 0].float().to("meta")
-
-    def featurize(self, states):
-        return states.float()
+        return super().log_reward(states).to("meta")
 
 
 def test_check_env_names_a_method_that_leaves_the_device():
