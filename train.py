@@ -17,35 +17,19 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from kinetic import RunLogger, train
+from kinetic import MonitorConfig, RunLogger, Task, TrainConfig, build_task, train
 from kinetic.stability.guard import NonFiniteError
-from kinetic.stability.monitors import MonitorConfig
 from optim import build_optimizer
-
-TASKS = ("gfn", "ddpm")
-
-
-def build_task(cfg: DictConfig, run_dir: Path):
-    """The task named by `cfg.task.name` (`run_dir` receives a task's own files, e.g. samples)."""
-    if cfg.task.name == "gfn":
-        from gfn.task import GFlowNetTask
-
-        return GFlowNetTask(cfg)
-    if cfg.task.name == "ddpm":
-        from diffusion.task import DDPMTask
-
-        return DDPMTask(cfg, run_dir)
-    raise ValueError(f"Unknown task: {cfg.task.name!r}; available: {', '.join(TASKS)}")
 
 
 def describe(cfg: DictConfig) -> str:
     """A short name for the run, e.g. `hypergrid(ndim=2, height=8) tb vradam seed=0` or
     `ddpm digits vradam seed=0`."""
     parts = []
-    if cfg.task.name == "ddpm":
-        parts += ["ddpm", cfg.data.name]
+    if "data" in cfg:
+        parts += [cfg.task.name, cfg.data.name]
     if "env" in cfg:
         target = cfg.env._target_.rsplit(".", 1)[-1].lower()
         keys = [k for k in ("ndim", "height", "n", "k", "max_nodes") if k in cfg.env]
@@ -55,34 +39,32 @@ def describe(cfg: DictConfig) -> str:
     return " ".join([*parts, cfg.optim.name, f"seed={cfg.seed}"])
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
+    """One run of the composed config `cfg`; returns its final metrics and its task."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     task = build_task(cfg, run_dir)
     optimizer = build_optimizer(cfg.optim, task.param_groups())
-    if "monitor" in cfg:  # validated before the progress bar starts (the loop builds it)
-        MonitorConfig.from_dict(cfg.monitor)
+    train_config = TrainConfig(**cfg.train).validate()
+    monitor = MonitorConfig.from_dict(cfg.monitor)  # validated before the progress bar starts
     logger = RunLogger(run_dir, cfg.train.steps, progress=cfg.logging.progress)
-    if not cfg.logging.images:
-        task.images = lambda step: {}
     try:
-        metrics = train(task, optimizer, cfg, logger)
+        metrics = train(
+            task, optimizer, train_config, monitor=monitor, logger=logger,
+            log_images=cfg.logging.images, run_config=OmegaConf.to_container(cfg, resolve=True),
+        )  # fmt: skip
     finally:
         logger.close()
-    shown = (
-        "l1", "tv", "jsd", "log_z_error", "modes_found", "spearman_test", "loss",
-        "trajectories_per_sec", "fd", "fd_ratio", "confidence", "class_entropy", "images_per_sec",
-    )  # fmt: skip
-    summary = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
+    summary = " ".join(f"{k}={metrics[k]:.4g}" for k in task.summary_keys if k in metrics)
     print(f"done: {describe(cfg)} {summary} time={metrics['wall_time_s']:.1f}s run_dir={run_dir}")
-    return metrics
+    return metrics, task
 
 
 @hydra.main(config_path="configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = run(cfg)
+        metrics, task = run(cfg)
     except (ValueError, TypeError, NotImplementedError) as err:  # a user error: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -91,7 +73,7 @@ def main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return math.nan  # one diverged job must not end a sweep (lr sweeps probe divergence)
         sys.exit(1)
-    return metrics.get("l1", metrics.get("fd_ratio"))  # the objective, for Hydra sweepers
+    return None if task.objective_key is None else metrics.get(task.objective_key)  # for sweepers
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The plain loop follows diffusers' `examples/unconditional_image_generation/train
 (add_noise, ε-MSE, backward, clip_grad_norm_ to 1, AdamW step, lr_scheduler step, zero_grad,
 EMAModel step with its defaults) on the same UNet (configs/model/unet.yaml), the same batch size
 and the same digits. kinetic's step is the real thing: `kinetic.train` on `DDPMTask`, timed
-between successive `after_step` calls, so it includes everything the loop does per step
+between successive calls of a loop callback, so it includes everything the loop does per step
 (gradient norm, clipping, monitors, schedule, EMA) except the logging and evaluation steps.
 Variants run in interleaved rounds so drift in the machine's speed hits all of them alike.
 
@@ -18,6 +18,7 @@ Prints median steps/s per variant and the ratio against the plain loop measured 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere, like the other benchmarks
 
 from diffusion.task import DDPMTask
-from kinetic import RunLogger, train
+from kinetic import MonitorConfig, TrainConfig, train
 from optim import build_optimizer
 
 CONFIGS = str(ROOT / "configs")
@@ -56,33 +57,25 @@ def compose_cfg(optim: str, steps: int, cache_dir: str, extra: list[str]):
 
 
 class KineticRunner:
-    """kinetic.train on a DDPMTask; each `run(n)` is one call of the loop, timed per step."""
+    """kinetic.train on a DDPMTask; each `run()` is one call of the loop, timed per step."""
 
     def __init__(self, optim: str, steps: int, workdir: Path, extra: list[str]) -> None:
         torch.manual_seed(0)
         self.cfg = compose_cfg(optim, steps, str(workdir / "cache"), extra)
-        self.task = DDPMTask(self.cfg, workdir / optim)
-        self.task.evaluate = lambda step: {}  # not timed anyway; keeps each round short
-        self.task.images = lambda step: {}
+        self.task = DDPMTask.from_config(self.cfg, workdir / optim)
         self.optimizer = build_optimizer(self.cfg.optim, self.task.param_groups())
-        self.ema_step = self.task.after_step
-        self.stamps: list[float] = []
-        self.task.after_step = self._after_step
-        self.workdir = workdir / optim
-
-    def _after_step(self, step: int) -> None:
-        self.ema_step(step)
-        self.stamps.append(time.perf_counter())
+        # No evaluation (not timed anyway; keeps each round short), no files.
+        self.config = TrainConfig(**{**self.cfg.train, "eval_every": 0})
+        self.monitor = MonitorConfig.from_dict(self.cfg.monitor)
 
     def run(self) -> list[float]:
-        self.stamps = []
-        logger = RunLogger(self.workdir, self.cfg.train.steps, progress=False)
-        try:
-            train(self.task, self.optimizer, self.cfg, logger)
-        finally:
-            logger.close()
-        # Step k's time runs from after_step(k-1) to after_step(k); the last step also logs.
-        deltas = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+        stamps: list[float] = []
+        train(
+            self.task, self.optimizer, self.config, monitor=self.monitor,
+            callbacks=[lambda step: stamps.append(time.perf_counter())],
+        )  # fmt: skip
+        # Step k's time runs from the end of step k-1 to the end of step k; the last step logs.
+        deltas = [b - a for a, b in itertools.pairwise(stamps)]
         return deltas[:-1]
 
 
@@ -92,7 +85,9 @@ class PlainRunner:
     def __init__(self, steps: int, workdir: Path, extra: list[str]) -> None:
         torch.manual_seed(0)
         cfg = compose_cfg("adamw", steps, str(workdir / "cache"), extra)
-        task = DDPMTask(cfg, workdir / "plain")  # only for the same UNet, scheduler and data
+        task = DDPMTask.from_config(
+            cfg, workdir / "plain"
+        )  # only for the same UNet, scheduler and data
         self.model, self.noise_scheduler = task.model, task.noise_scheduler
         self.images, self.batch_size, self.steps = task.data.train, cfg.task.batch_size, steps
         ema = cfg.task.ema

@@ -5,7 +5,7 @@ One iteration is sample + trajectory-balance loss + backward + optimizer step on
 (8^2, 8^4, 20^4) at batch 16 and 256: 256x2 MLP, P_B a head on the shared trunk, AdamW lr
 1e-3 with log Z at lr 0.1, on-policy, one thread. kinetic runs in this process through the
 code path of `python train.py` (Hydra-composed config, `GFlowNetTask`, `build_optimizer`, and
-the per-step body of `kinetic.loop.train`); torchgfn 2.4.1 runs `benchmarks/torchgfn_peer.py`
+`kinetic.train` without monitors or evaluation); torchgfn 2.4.1 runs `benchmarks/torchgfn_peer.py`
 in its own virtual environment (its import name `gfn` clashes with kinetic's), driven over a
 pipe. Both train for the same trajectory budget in interleaved chunks, so drift in the
 machine's speed hits both alike; the time per iteration is the median over all iterations
@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import itertools
 import json
 import math
 import os
@@ -55,7 +56,7 @@ from envs.hypergrid import HyperGrid
 from gfn.evaluation import exact_terminal_distribution, l1_distance, true_terminal_distribution
 from gfn.policies import masked_log_softmax
 from gfn.task import GFlowNetTask
-from kinetic.schedule import build_schedule
+from kinetic import TrainConfig, train
 from optim import build_optimizer
 
 PEER_SCRIPT = Path(__file__).with_name("torchgfn_peer.py")
@@ -104,42 +105,30 @@ def kinetic_config(
 
 
 class KineticRun:
-    """A GFlowNet task and its optimizer, stepped exactly as `kinetic.loop.train` steps them."""
+    """A GFlowNet task and its optimizer, trained in chunks by `kinetic.train` (no monitors,
+    no evaluation, no files: the loop's per-step body only)."""
 
     def __init__(self, cfg: DictConfig) -> None:
         torch.manual_seed(cfg.seed)  # as train.py does before building the task
         self.cfg = cfg
-        self.task = GFlowNetTask(cfg)
+        self.task = GFlowNetTask.from_config(cfg)
         self.optimizer = build_optimizer(cfg.optim, self.task.param_groups())
-        tc = cfg.train
-        self.schedule = build_schedule(self.optimizer, tc.lr_schedule, tc.warmup_steps, tc.steps)
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.step = 0
 
-    def iteration(self) -> None:
-        """One step of `kinetic.loop.train`, without its progress bar and periodic logging."""
-        self.step += 1
-        loss, _ = self.task.loss(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.get_total_norm(
-            [p.grad for p in self.params if p.grad is not None]
-        )
-        if self.cfg.train.clip_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(
-                self.params, self.cfg.train.clip_grad_norm, grad_norm
-            )
-        self.optimizer.step()
-        self.schedule.step()
-
     def train(self, iters: int) -> list[float]:
-        """`iters` iterations; wall milliseconds of each."""
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            self.iteration()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
+        """`iters` iterations (one call of the loop); wall milliseconds of each."""
+        tc = self.cfg.train
+        config = TrainConfig(
+            steps=iters, log_every=iters, eval_every=0, clip_grad_norm=tc.clip_grad_norm,
+            lr_schedule=tc.lr_schedule, warmup_steps=tc.warmup_steps,
+        )  # fmt: skip
+        stamps = [time.perf_counter()]
+        train(
+            self.task, self.optimizer, config, monitor=None,
+            callbacks=[lambda step: stamps.append(time.perf_counter())],
+        )  # fmt: skip
+        self.step += iters
+        return [(b - a) * 1e3 for a, b in itertools.pairwise(stamps)]
 
     @torch.no_grad()
     def log_pf_table(self) -> Tensor:
@@ -366,30 +355,29 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
     gfn.task.trajectory_log_probs = _timed(originals[1], totals, "trajectory_log_probs")
     run.task.loss_fn = _timed(originals[2], totals, "loss_fn")
     try:
-        # Phases: the whole iteration split at the task's calls and the loop's own lines.
-        start = time.perf_counter()
-        for _ in range(n):
-            run.step += 1
-            t0 = time.perf_counter()
-            loss, _ = run.task.loss(run.step)
-            t1 = time.perf_counter()
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            t2 = time.perf_counter()
-            grads = [p.grad for p in run.params if p.grad is not None]
-            torch.nn.utils.get_total_norm(grads)
-            t3 = time.perf_counter()
-            run.optimizer.step()
-            run.schedule.step()
-            t4 = time.perf_counter()
-            for name, dt in (
-                ("task.loss", t1 - t0),
-                ("zero_grad+backward", t2 - t1),
-                ("get_total_norm", t3 - t2),
-                ("optimizer+schedule step", t4 - t3),
-            ):
-                totals[name] = totals.get(name, 0.0) + dt
-        wall = time.perf_counter() - start
+        # Phases: the loop's calls into the task and the optimizer, timed by wrappers; the
+        # rest of the iteration (zero_grad, backward, gradient norm, schedule) by difference.
+        task_loss = run.task.loss
+        run.task.loss = _timed(task_loss, totals, "task.loss")
+        step_start: list[float] = []
+        hooks = (
+            run.optimizer.register_step_pre_hook(lambda *_: step_start.append(time.perf_counter())),
+            run.optimizer.register_step_post_hook(
+                lambda *_: totals.__setitem__(
+                    "optimizer step",
+                    totals.get("optimizer step", 0.0) + time.perf_counter() - step_start.pop(),
+                )
+            ),
+        )
+        try:
+            start = time.perf_counter()
+            run.train(n)
+            wall = time.perf_counter() - start
+        finally:
+            run.task.loss = task_loss
+            for hook in hooks:
+                hook.remove()
+        totals["backward, norm, schedule"] = wall - totals["task.loss"] - totals["optimizer step"]
         # Mean trajectory length of fresh samples (non-exit actions), for context.
         with torch.no_grad():
             batch = originals[0](run.task.model, run.task.env, 256, run.task.generator)
@@ -405,9 +393,8 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
             "sample_trajectories",
             "trajectory_log_probs",
             "loss_fn",
-            "zero_grad+backward",
-            "get_total_norm",
-            "optimizer+schedule step",
+            "backward, norm, schedule",
+            "optimizer step",
         ):
             indent = (
                 "  " if name in ("sample_trajectories", "trajectory_log_probs", "loss_fn") else ""

@@ -3,7 +3,7 @@
 Runs the real training loop (kinetic.loop.train) on the hypergrid default (task=gfn: 8x8 grid,
 batch 16, MLP) and on the DDPM default (task=ddpm: diffusers UNet2DModel on 8x8 digits, batch
 128), alternating off/default runs so that machine load hits both alike, and times every step
-from the loop's own progress calls. The sharpness probe runs every 500 steps by default, so it
+with a `callbacks` hook of the loop. The sharpness probe runs every 500 steps by default, so it
 is timed on its own and reported amortised over those 500 steps.
 
     python benchmarks/monitor_overhead.py [--threads 1] [--reps 3]
@@ -12,6 +12,7 @@ is timed on its own and reported amortised over those 500 steps.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -24,25 +25,9 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kinetic.loop import _probe_loss, train  # noqa: E402
+from kinetic import TrainConfig, build_task, train  # noqa: E402
 from kinetic.stability.monitors import MonitorConfig, StabilityMonitor  # noqa: E402
 from optim import build_optimizer  # noqa: E402
-
-
-class _TimingLogger:
-    """Records the time of every finished step (the loop calls progress(1) once per step)."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir, self.stamps = run_dir, [time.perf_counter()]
-
-    def progress(self, steps: int) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def scalars(self, step, values): ...
-    def warn(self, step, message): ...
-    def postfix(self, **values): ...
-    def image(self, step, tag, image): ...
-    def write_metrics(self, metrics): ...
 
 
 def _cfg(task: str, monitor: str, steps: int):
@@ -55,40 +40,33 @@ def _cfg(task: str, monitor: str, steps: int):
         return compose(config_name="config", overrides=overrides)
 
 
-def _task(cfg, run_dir: str):
-    if cfg.task.name == "gfn":
-        from gfn.task import GFlowNetTask
-
-        return GFlowNetTask(cfg)
-    from diffusion.task import DDPMTask
-
-    return DDPMTask(cfg, run_dir)
-
-
 def _step_times(task_name: str, monitor: str, steps: int) -> list[float]:
     """Per-step seconds of one run, without the first 10% (warm-up) and the last step (eval)."""
     cfg = _cfg(task_name, monitor, steps)
     torch.manual_seed(cfg.seed)
+    stamps = [time.perf_counter()]
     with tempfile.TemporaryDirectory() as run_dir:
-        task = _task(cfg, run_dir)
+        task = build_task(cfg, run_dir)
         optimizer = build_optimizer(cfg.optim, task.param_groups())
-        logger = _TimingLogger(run_dir)
-        train(task, optimizer, cfg, logger)
-    dts = [b - a for a, b in zip(logger.stamps, logger.stamps[1:], strict=False)]
+        train(
+            task, optimizer, TrainConfig(**cfg.train), monitor=MonitorConfig.from_dict(cfg.monitor),
+            callbacks=[lambda step: stamps.append(time.perf_counter())],
+        )  # fmt: skip
+    dts = [b - a for a, b in itertools.pairwise(stamps)]
     return dts[steps // 10 : -1]
 
 
 def _probe_seconds(task_name: str) -> float:
     cfg = _cfg(task_name, "default", 20)
     with tempfile.TemporaryDirectory() as run_dir:
-        task = _task(cfg, run_dir)
+        task = build_task(cfg, run_dir)
         optimizer = build_optimizer(cfg.optim, task.param_groups())
         loss, _ = task.loss(1)
         loss.backward()
         optimizer.step()
         monitor = StabilityMonitor(MonitorConfig.from_dict(cfg.monitor), optimizer)
         start = time.perf_counter()
-        monitor.probe(lambda: _probe_loss(task, 2))
+        monitor.probe(lambda: task.probe_loss(2))
         return time.perf_counter() - start
 
 

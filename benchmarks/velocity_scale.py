@@ -1,4 +1,4 @@
-"""How big is VRAdam's velocity s_t on each task, under each measure? (issue 7, part 2)
+"""How big is VRAdam's velocity s_t on each task, under each measure?
 
 Trains (a) the default GFlowNet (`python train.py`: 8x8 hypergrid, MLP policy) and (b) a
 DDPM epsilon-prediction step on a diffusers UNet2DModel (block_out_channels (32, 64, 64), 16x16
@@ -55,7 +55,7 @@ def gfn_run(steps: int) -> tuple[list[dict[str, float]], float]:
 
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
         cfg = compose(config_name="config", overrides=["optim.beta3=0.0"])
-    task = GFlowNetTask(cfg)
+    task = GFlowNetTask.from_config(cfg)
     groups = task.param_groups()
     for g in groups:
         g.pop("beta3", None)  # every group ungated: the measures must not steer the run

@@ -17,9 +17,11 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from diffusion.data import BatchSampler, build_dataset
+from diffusion.data import BatchSampler, ImageData, build_dataset
 from diffusion.quality import DigitQuality, cached_classifier
 from diffusion.sampling import build_sampler, image_grid, sample_images, save_grid
+from kinetic.config import TrainConfig
+from kinetic.task import Task
 
 # diffusers get_scheduler names that need only warm-up and total steps.
 LR_SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -57,71 +59,124 @@ def build_noise_scheduler(task_cfg: DictConfig | dict) -> DDPMScheduler:
     )
 
 
-class DDPMTask:
+def check_lr_schedule(name: str, warmup_steps: int, steps: int) -> None:
+    """Raise ValueError unless diffusers' schedule `name` can run `steps` with this warm-up."""
+    if name not in LR_SCHEDULES:
+        raise ValueError(
+            f"Unknown train.lr_schedule: {name!r}; "
+            f"available for task=ddpm: {', '.join(LR_SCHEDULES)}"
+        )
+    if not 0 <= warmup_steps <= steps:
+        raise ValueError(
+            f"Invalid train.warmup_steps: {warmup_steps}; expected an int in [0, {steps}]"
+        )
+
+
+class DDPMTask(Task):
     """DDPM (arXiv 2006.11239) on one image dataset; digits also get classifier-based quality.
 
     A step draws a batch x_0, a timestep t ~ U{0..T-1} and noise ε per image, and regresses the
     UNet's output on ε (MSE). The EMA weights are the ones sampled and evaluated.
+
+    Args:
+        data: the images (`diffusion.data.build_dataset`); `data.train` (N, C, R, R) in [-1, 1].
+        model: the UNet2DModel (`build_unet`), sized for the data's channels and resolution.
+        noise_scheduler: the training noise schedule (`build_noise_scheduler`).
+        batch_size: images per step.
+        ema: the EMA of the weights (diffusers' EMAModel on `model`); None: EMAModel with
+            the `task=ddpm` preset's settings.
+        sampler: the evaluation sampler, ddpm | ddim.
+        sampling_steps: sampler steps, in [1, num_train_timesteps].
+        grid_samples: samples shown in the image grid.
+        quality: the digit quality metrics (`DigitQuality`), None for none.
+        run_dir: where samples/step_XXXXXX.png grids are saved; None: not saved.
+        seed: seeds the training stream and (seed + 1) the evaluation samples.
     """
 
     items_name = "images"
     progress_keys = ("fd_ratio",)
+    summary_keys = ("loss", "fd", "fd_ratio", "confidence", "class_entropy", "images_per_sec")
+    objective_key = "fd_ratio"
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
-        tc = cfg.task
-        self.run_dir = Path(run_dir)
-        self.total_steps = cfg.train.steps
-        self.warmup_steps = cfg.train.warmup_steps
-        self.lr_schedule_name = cfg.train.lr_schedule
-        if self.lr_schedule_name not in LR_SCHEDULES:
-            raise ValueError(
-                f"Unknown train.lr_schedule: {self.lr_schedule_name!r}; "
-                f"available for task=ddpm: {', '.join(LR_SCHEDULES)}"
-            )
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(
-                f"Invalid train.warmup_steps: {self.warmup_steps}; "
-                f"expected an int in [0, {self.total_steps}]"
-            )
-        self.data = build_dataset(cfg.data, cfg.seed)
+    def __init__(
+        self,
+        data: ImageData,
+        model: UNet2DModel,
+        noise_scheduler: DDPMScheduler,
+        *,
+        batch_size: int = 128,
+        ema: EMAModel | None = None,
+        sampler: str = "ddpm",
+        sampling_steps: int = 50,
+        grid_samples: int = 64,
+        quality: DigitQuality | None = None,
+        run_dir: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.data = data
         images = self.data.train
-        channels, resolution = images.shape[1], images.shape[-1]
-        self.model = build_unet(cfg.model, channels, resolution)
-        self.noise_scheduler = build_noise_scheduler(tc)
+        self.model = model
+        self.noise_scheduler = noise_scheduler
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(images.device)
-        ema = tc.ema
-        self.ema = EMAModel(
-            self.model.parameters(), decay=ema.decay, use_ema_warmup=ema.use_ema_warmup,
-            inv_gamma=ema.inv_gamma, power=ema.power, foreach=True,
-        )  # fmt: skip
-        self.generator = torch.Generator(device=images.device).manual_seed(cfg.seed)
-        self.batches = BatchSampler(images, tc.batch_size, self.generator)
-        self.items_per_step = tc.batch_size
-        self.seed = cfg.seed
+        if ema is None:
+            ema = EMAModel(
+                self.model.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0,
+                power=0.75, foreach=True,
+            )  # fmt: skip
+        self.ema = ema
+        self.generator = torch.Generator(device=images.device).manual_seed(seed)
+        self.batches = BatchSampler(images, batch_size, self.generator)
+        self.items_per_step = batch_size
+        self.seed = seed
 
-        sc = tc.sampling
-        self.sampler_name, self.sampling_steps = sc.scheduler, sc.steps
+        self.sampler_name, self.sampling_steps = sampler, sampling_steps
         build_sampler(self.sampler_name, self.noise_scheduler, self.sampling_steps)  # validate
-        self.grid_samples = sc.grid_samples
-        self.eval_samples = self.grid_samples  # without quality metrics, only the grid is drawn
-        self.quality = None
-        if self.data.name == "digits" and tc.quality:
-            classifier = cached_classifier(
-                tc.cache_dir, self.data.labeled, self.data.labels, cfg.seed
-            )
-            self.quality = DigitQuality(classifier, self.data.heldout_a, self.data.heldout_b)
-            self.eval_samples = self.quality.n_reference  # FD compares equal sample counts
+        self.grid_samples = grid_samples
+        self.quality = quality
+        # FD compares equal sample counts; without quality metrics only the grid is drawn.
+        self.eval_samples = grid_samples if quality is None else quality.n_reference
         self._last_samples: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> DDPMTask:
+        """The task of a composed config: `data`, `model` (UNet2DModel's arguments), `task`
+        (ddpm), `train` (its lr schedule is diffusers') and `seed`."""
+        check_lr_schedule(cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.steps)
+        tc = cfg.task
+        data = build_dataset(cfg.data, cfg.seed)
+        channels, resolution = data.train.shape[1], data.train.shape[-1]
+        model = build_unet(cfg.model, channels, resolution)
+        noise_scheduler = build_noise_scheduler(tc)
+        ema = EMAModel(
+            model.parameters(), decay=tc.ema.decay, use_ema_warmup=tc.ema.use_ema_warmup,
+            inv_gamma=tc.ema.inv_gamma, power=tc.ema.power, foreach=True,
+        )  # fmt: skip
+        # The sampler is validated before the quality classifier is trained (seconds).
+        build_sampler(tc.sampling.scheduler, noise_scheduler, tc.sampling.steps)
+        quality = None
+        if data.name == "digits" and tc.quality:
+            classifier = cached_classifier(tc.cache_dir, data.labeled, data.labels, cfg.seed)
+            quality = DigitQuality(classifier, data.heldout_a, data.heldout_b)
+        return cls(
+            data, model, noise_scheduler, batch_size=tc.batch_size, ema=ema,
+            sampler=tc.sampling.scheduler, sampling_steps=tc.sampling.steps,
+            grid_samples=tc.sampling.grid_samples, quality=quality, run_dir=run_dir,
+            seed=cfg.seed,
+        )  # fmt: skip
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters())}]
 
-    def lr_schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        """diffusers' `get_scheduler`: linear warm-up over train.warmup_steps, then the decay
-        named by train.lr_schedule (cosine by default) to 0 at train.steps."""
+    def lr_schedule(
+        self, optimizer: torch.optim.Optimizer, config: TrainConfig
+    ) -> torch.optim.lr_scheduler.LambdaLR:
+        """diffusers' `get_scheduler`: linear warm-up over `config.warmup_steps`, then the decay
+        named by `config.lr_schedule` (cosine by default) to 0 at `config.steps`."""
+        check_lr_schedule(config.lr_schedule, config.warmup_steps, config.steps)
         return get_scheduler(
-            self.lr_schedule_name, optimizer,
-            num_warmup_steps=self.warmup_steps, num_training_steps=self.total_steps,
+            config.lr_schedule, optimizer,
+            num_warmup_steps=config.warmup_steps, num_training_steps=config.steps,
         )  # fmt: skip
 
     def loss(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -173,7 +228,8 @@ class DDPMTask:
             generator = torch.Generator(device=self.data.train.device).manual_seed(self.seed + 1)
             self._last_samples = self.sample(self.grid_samples, generator)
         grid = image_grid(self._last_samples[: self.grid_samples])
-        save_grid(self.run_dir / "samples" / f"step_{step:06d}.png", grid)
+        if self.run_dir is not None:
+            save_grid(self.run_dir / "samples" / f"step_{step:06d}.png", grid)
         return {"samples": grid}
 
     def state_dict(self) -> dict[str, Any]:

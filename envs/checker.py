@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from envs.base import Env
+from envs.rows import as_rows, row_keys
 
 __all__ = [
     "EnvCheckError",
@@ -76,15 +77,9 @@ def _same(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _keys(rows: Tensor) -> Tensor:
-    """A 64-bit hash of each row ``(B, D)``, long ``(B,)`` (fixed odd multipliers, wrapping;
-    floats by their bits): cheaper than torch.unique(dim=0). Callers compare matched rows."""
-    if rows.is_floating_point():
-        rows = rows.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[
-            rows.dtype.itemsize
-        ])  # fmt: skip
-    generator = torch.Generator().manual_seed(0x6A09E667)
-    multipliers = torch.randint(-(2**62), 2**62, (rows.shape[1],), generator=generator) | 1
-    return (rows.long() * multipliers.to(rows.device)).sum(dim=1)
+    """A 64-bit hash of each row ``(B, D)``, long ``(B,)`` (envs/rows.py; floats by their bits):
+    cheaper than torch.unique(dim=0). Callers compare matched rows."""
+    return row_keys(as_rows(rows))
 
 
 def _smallest(*columns: Tensor) -> int:

@@ -35,9 +35,9 @@ import torch
 from torch import Tensor
 
 from envs.base import Env
+from envs.rows import as_rows
 from gfn.state_dag import (
     StateDAG,
-    _as_rows,
     _cache_entry,
     _require_enumerable,
     _require_modes,
@@ -193,7 +193,7 @@ def count_modes(env: Env, states: Tensor) -> tuple[int, int]:
     """
     _require_modes(env)
     modes = states[env.is_mode(states)]  # (M, *S)
-    n_modes = torch.unique(_as_rows(modes), dim=0).shape[0]
+    n_modes = torch.unique(as_rows(modes), dim=0).shape[0]
     n_regions = torch.unique(env.mode_region(modes)).shape[0]
     return n_modes, n_regions
 

@@ -8,12 +8,21 @@ Reduction convention, for every loss: the mean over trajectories of a per-trajec
            of the squared sub-trajectory-balance residual.
     zvar   the squared deviation of the trajectory's log Z estimate from the batch mean (so the
            loss is the biased batch variance of the estimates).
+    fm     the mean, over the trajectory's n + 1 non-initial nodes of the augmented chain
+           (s_1..s_n and sf), of the squared flow-matching residual log inflow - log outflow;
+           at sf the inflow is the exit edge flow F(s_n -> sf) and the outflow is R(s_n).
+    mdb    the mean, over the trajectory's n non-exit transitions, of the squared modified
+           detailed-balance residual; a trajectory that exits at s0 (n = 0) has none and
+           contributes 0.
 
 Inputs follow `gfn.sampler.TrajectoryLogProbs`: ``(T, B)`` tensors aligned with the actions, 0 on
 padding. Flows enter through the augmented chain u_0..u_{n+1} = s_0..s_n, sf with
 log F(u_{n+1}) := log R(s_n), the exit transition having log P_F(exit | s_n) and log P_B = 0.
 With the potential A_k = log F(u_k) - sum_{t<k} (log P_F - log P_B)_t, the residual of the
 sub-trajectory u_i -> u_j is A_i - A_j: SubTB scores all of them from one cumulative sum.
+
+``fm`` and ``mdb`` score more than the trajectory's own log-probabilities: their inputs
+(`gfn.scores.EdgeFlowScores`, `gfn.scores.ExitScores`) come from the scorer in `SCORERS`.
 """
 
 from __future__ import annotations
@@ -21,27 +30,36 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gfn.sampler import Trajectories, TrajectoryLogProbs
+from gfn.scores import EdgeFlowScores, ExitScores, edge_flow_scores, exit_scores
 
 __all__ = [
     "LOSSES",
+    "SCORERS",
     "LossFn",
     "balance_potentials",
     "detailed_balance",
     "detailed_balance_residuals",
+    "flow_matching",
+    "flow_matching_residuals",
     "get_loss",
     "log_partition_variance",
     "log_partition_variance_residuals",
+    "modified_detailed_balance",
+    "modified_detailed_balance_residuals",
     "subtrajectory_balance",
     "trajectory_balance",
     "trajectory_balance_residuals",
 ]
 
-LossFn = Callable[[TrajectoryLogProbs, Trajectories, Tensor], Tensor]
+LossFn = Callable[[Any, Trajectories, Tensor], Tensor]
+"""``loss(scores, trajectories, log_z) -> scalar``; `scores` is what the loss's scorer returns
+(`TrajectoryLogProbs` unless the loss is in `SCORERS`)."""
 
 
 def trajectory_balance_residuals(
@@ -163,6 +181,76 @@ def log_partition_variance(log_pf: Tensor, log_pb: Tensor, log_rewards: Tensor) 
     return log_partition_variance_residuals(log_pf, log_pb, log_rewards).pow(2).mean()
 
 
+def flow_matching_residuals(
+    log_inflows: Tensor,
+    log_outflows: Tensor,
+    log_exit_flows: Tensor,
+    log_rewards: Tensor,
+    lengths: Tensor,
+) -> Tensor:
+    """Flow-matching residuals along the augmented chain u_1..u_{n+1}, ``(T + 1, B)``.
+
+    Row k in 1..n_b: log sum_{parents} F(p -> s_k) - log sum_a F(s_k -> a) (Bengio et al.
+    2021, arXiv 2106.04399, eq. 9, in log space without their epsilon); row n_b + 1, the sink:
+    log F(s_n -> sf) - log R(s_n). Row 0 (s0, whose inflow is Z) and padding are 0. Inputs
+    as `gfn.scores.EdgeFlowScores` (``(T, B)``, ``(T, B)``, ``(B,)``); `log_rewards` ``(B,)``.
+    """
+    n_steps, batch = log_inflows.shape
+    rows = torch.arange(n_steps + 1, device=lengths.device).unsqueeze(1)  # (T + 1, 1)
+    states = torch.cat([log_inflows - log_outflows, log_inflows.new_zeros(1, batch)])  # (T+1, B)
+    states = torch.where((rows >= 1) & (rows <= lengths), states, 0.0)  # (T + 1, B)
+    return torch.where(rows == lengths + 1, log_exit_flows - log_rewards, states)  # (T + 1, B)
+
+
+def flow_matching(
+    log_inflows: Tensor,
+    log_outflows: Tensor,
+    log_exit_flows: Tensor,
+    log_rewards: Tensor,
+    lengths: Tensor,
+) -> Tensor:
+    """Flow-matching loss, scalar: per trajectory the mean of its n + 1 squared residuals,
+    then the mean over trajectories."""
+    residuals = flow_matching_residuals(
+        log_inflows, log_outflows, log_exit_flows, log_rewards, lengths
+    )  # (T + 1, B)
+    per_trajectory = residuals.pow(2).sum(dim=0) / (lengths + 1).to(residuals.dtype)  # (B,)
+    return per_trajectory.mean()
+
+
+def modified_detailed_balance_residuals(
+    log_pf: Tensor, log_pb: Tensor, log_pf_exit: Tensor, log_rewards: Tensor, lengths: Tensor
+) -> Tensor:
+    """Modified detailed-balance residuals of the non-exit transitions, ``(T, B)``, 0 elsewhere.
+
+    For s_t -> s_{t+1}, t < n_b (Deleu et al. 2022, arXiv 2202.13903, eq. 6, with
+    F(s) = R(s) / P_F(exit | s)):
+    log R(s_t) + log P_F(s_{t+1} | s_t) + log P_F(exit | s_{t+1})
+      - log R(s_{t+1}) - log P_B(s_t | s_{t+1}) - log P_F(exit | s_t).
+    Inputs ``(T, B)`` as `gfn.scores.ExitScores`; `lengths` ``(B,)`` long.
+    """
+    n_steps, batch = log_pf.shape
+    rows = torch.arange(n_steps, device=lengths.device).unsqueeze(1)  # (T, 1)
+    # The state term log R(s) - log P_F(exit | s) is -log F(s) + const; its difference along
+    # each transition is what balances log P_F - log P_B.
+    state_terms = log_rewards - log_pf_exit  # (T, B)
+    next_terms = torch.cat([state_terms[1:], state_terms.new_zeros(1, batch)])  # (T, B)
+    residuals = state_terms + log_pf - next_terms - log_pb  # (T, B)
+    return torch.where(rows < lengths, residuals, 0.0)  # (T, B)
+
+
+def modified_detailed_balance(
+    log_pf: Tensor, log_pb: Tensor, log_pf_exit: Tensor, log_rewards: Tensor, lengths: Tensor
+) -> Tensor:
+    """Modified detailed-balance loss, scalar: per trajectory the mean of its n squared
+    residuals (0 when n = 0), then the mean over trajectories."""
+    residuals = modified_detailed_balance_residuals(
+        log_pf, log_pb, log_pf_exit, log_rewards, lengths
+    )  # (T, B)
+    per_trajectory = residuals.pow(2).sum(dim=0) / lengths.clamp(min=1).to(residuals.dtype)
+    return per_trajectory.mean()
+
+
 def _require_flows(log_probs: TrajectoryLogProbs, loss: str) -> Tensor:
     if log_probs.log_flows is None:
         raise ValueError(
@@ -207,19 +295,46 @@ def _zvar(log_probs: TrajectoryLogProbs, trajectories: Trajectories, log_z: Tens
     return log_partition_variance(log_probs.log_pf, log_probs.log_pb, trajectories.log_rewards)
 
 
+def _fm(scores: EdgeFlowScores, trajectories: Trajectories, log_z: Tensor) -> Tensor:
+    return flow_matching(
+        scores.log_inflows,
+        scores.log_outflows,
+        scores.log_exit_flows,
+        trajectories.log_rewards,
+        trajectories.lengths,
+    )
+
+
+def _mdb(scores: ExitScores, trajectories: Trajectories, log_z: Tensor) -> Tensor:
+    return modified_detailed_balance(
+        scores.log_pf, scores.log_pb, scores.log_pf_exit, scores.log_rewards, trajectories.lengths
+    )
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "tb": _tb,
     "db": _db,
     "subtb": _subtb,
     "zvar": _zvar,
+    "fm": _fm,
+    "mdb": _mdb,
+}
+
+# Losses whose inputs are not `gfn.sampler.trajectory_log_probs`: the function that computes
+# them, ``scorer(gflownet, env, trajectories) -> scores``, from one trunk pass.
+SCORERS: dict[str, Callable[..., Any]] = {
+    "fm": edge_flow_scores,
+    "mdb": exit_scores,
 }
 
 
 def get_loss(name: str, **hparams: float) -> LossFn:
     """The loss named `name` as ``loss(log_probs, trajectories, log_z) -> scalar``.
 
-    Names: ``tb``, ``db``, ``subtb`` (hyperparameter ``lamda``, default 0.9), ``zvar``. log Z
-    is used by ``tb`` only; ``db`` and ``subtb`` need a policy with a flow head.
+    Names: ``tb``, ``db``, ``subtb`` (hyperparameter ``lamda``, default 0.9), ``zvar``, ``fm``,
+    ``mdb``. log Z is used by ``tb`` only; ``db`` and ``subtb`` need a policy with a flow head;
+    ``fm`` and ``mdb`` score the inputs their `SCORERS` entry computes (``mdb`` only on
+    environments where every state may exit).
     """
     if name not in LOSSES:
         raise ValueError(f"Unknown loss: {name!r}; valid: {', '.join(LOSSES)}")

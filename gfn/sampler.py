@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from envs.base import Env
+from envs.rows import row_keys
 from gfn.policies import GFlowNet, masked_log_softmax
 
 __all__ = [
@@ -233,7 +234,7 @@ def _unique_states(states: Tensor) -> tuple[Tensor, Tensor]:
     """The distinct rows of `states` ``(N, *S)`` and, for each row, its index among them.
 
     Returns ``(unique (U, *S), inverse (N,))`` with ``unique[inverse] == states``. Rows are
-    hashed to one int64 each (a fixed random linear hash, wrapping), the hashes are deduplicated
+    hashed to one int64 each (envs/rows.py's seeded hash), the hashes are deduplicated
     with one sort, and the result is checked exactly; on a hash collision, or for floating-point
     states (which rarely repeat), every row is its own representative.
     """
@@ -241,13 +242,7 @@ def _unique_states(states: Tensor) -> tuple[Tensor, Tensor]:
     identity = (states, torch.arange(n, device=states.device))
     if states.is_floating_point() or states.is_complex():
         return identity
-    rows = states.reshape(n, -1).long()  # (N, D)
-    # Hash constants: fixed, so the hash is deterministic; not drawn from any user generator.
-    constants = torch.Generator(device=states.device).manual_seed(0x6A09E667)
-    multipliers = torch.randint(
-        -(2**62), 2**62, (rows.shape[1],), generator=constants, device=states.device
-    )  # (D,)
-    keys = (rows * (multipliers | 1)).sum(dim=1)  # (N,)
+    keys = row_keys(states.reshape(n, -1).long())  # (N,)
     unique_keys, inverse = torch.unique(keys, return_inverse=True)  # (U,), (N,)
     representative = torch.empty_like(unique_keys).scatter_(
         0, inverse, torch.arange(n, device=states.device)

@@ -8,7 +8,6 @@ keeps the forward edges as index tensors. `gfn.evaluation` pushes probability ma
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 
 from envs.base import Env
+from envs.rows import as_rows, row_keys
 
 __all__ = [
     "DEFAULT_MAX_STATES",
@@ -45,7 +45,7 @@ class StateDAG:
         edge_ptr: edges leaving level ``l`` are ``edge_ptr[l]:edge_ptr[l + 1]``.
         terminals: ``env.enumerate_terminals()``, ``(T, *state_shape)``.
         terminal_ids: row of each terminal in ``states``, long ``(T,)``.
-        key_multipliers: the state-hash multipliers ``(D,)`` the keys below were made with.
+        key_seed: the row-hash seed (envs/rows.py) the keys below were made with.
         terminal_keys_sorted, terminal_order: the terminals' keys, sorted ``(T,)``, and each
             one's row in ``terminals`` ``(T,)``; `terminal_index` searches them.
     """
@@ -58,7 +58,7 @@ class StateDAG:
     edge_ptr: list[int]
     terminals: Tensor
     terminal_ids: Tensor
-    key_multipliers: Tensor
+    key_seed: int
     terminal_keys_sorted: Tensor
     terminal_order: Tensor
 
@@ -132,34 +132,11 @@ def _require_modes(env: Env) -> None:
         )
 
 
-# --- hashing state rows -------------------------------------------------------------------
-
-
-def _as_rows(states: Tensor) -> Tensor:
-    """States ``(B, *state_shape)`` as int64 rows ``(B, D)``; floats by their bit pattern."""
-    flat = states.reshape(states.shape[0], math.prod(states.shape[1:]))  # (B, D)
-    if flat.dtype.is_complex:
-        raise TypeError(f"exact evaluation does not support complex states, got {flat.dtype}")
-    if flat.dtype.is_floating_point:
-        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.dtype.itemsize]
-        flat = flat.contiguous().view(bits)
-    return flat.long()
-
-
-def _row_keys(rows: Tensor, multipliers: Tensor) -> Tensor:
-    """A 64-bit hash of each row ``(B, D)`` -> ``(B,)`` (wrapping arithmetic).
-
-    Odd random multipliers make a one-element difference never collide; any collision
-    between distinct states is detected by comparing rows, so results stay exact.
-    """
-    return (rows * multipliers).sum(dim=1)
-
-
 # --- building the DAG ---------------------------------------------------------------------
 
 
 class _HashCollision(Exception):
-    """Two distinct states got the same key; rebuild with other multipliers."""
+    """Two distinct states got the same key; rebuild with another row-hash seed."""
 
 
 def state_dag(env: Env, max_states: int = DEFAULT_MAX_STATES) -> StateDAG:
@@ -197,20 +174,12 @@ def state_dag(env: Env, max_states: int = DEFAULT_MAX_STATES) -> StateDAG:
 
 def _build_dag(env: Env, max_states: int, seed: int) -> StateDAG:
     """Enumerate the DAG of `env`, order it topologically and match its terminals."""
-    s0 = env.initial_states(1)  # (1, *S)
-    generator = torch.Generator().manual_seed(seed)
-    multipliers = torch.randint(
-        -(2**62), 2**62, (_as_rows(s0).shape[1],), generator=generator, dtype=torch.long
-    )
-    multipliers = (multipliers | 1).to(s0.device)  # (D,), odd
-    states, rows, can_stop, src, dst, action = _discover(env, multipliers, max_states)
+    states, rows, can_stop, src, dst, action = _discover(env, seed, max_states)
     states, rows, can_stop, level, src, dst, action = _topological_order(
         env, states, rows, can_stop, src, dst, action
     )
     n_levels = int(level[-1]) + 1
-    terminals, terminal_ids, terminal_keys = _match_terminals(
-        env, states, rows, can_stop, multipliers
-    )
+    terminals, terminal_ids, terminal_keys = _match_terminals(env, states, rows, can_stop, seed)
     terminal_keys_sorted, terminal_order = torch.sort(terminal_keys)
     return StateDAG(
         states=states,
@@ -221,14 +190,14 @@ def _build_dag(env: Env, max_states: int, seed: int) -> StateDAG:
         edge_ptr=_pointers(level[src], n_levels),
         terminals=terminals,
         terminal_ids=terminal_ids,
-        key_multipliers=multipliers,
+        key_seed=seed,
         terminal_keys_sorted=terminal_keys_sorted,
         terminal_order=terminal_order,
     )
 
 
 def _discover(
-    env: Env, multipliers: Tensor, max_states: int
+    env: Env, seed: int, max_states: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Breadth-first search from s0, one whole frontier per iteration.
 
@@ -243,9 +212,9 @@ def _discover(
     stop = env.stop_action
     s0 = env.initial_states(1)  # (1, *S)
     device = s0.device
-    state_chunks, row_chunks, stop_chunks = [s0], [_as_rows(s0)], []
+    state_chunks, row_chunks, stop_chunks = [s0], [as_rows(s0)], []
     src_chunks, dst_chunks, action_chunks = [], [], []
-    known_keys = _row_keys(row_chunks[0], multipliers)  # (K,), sorted
+    known_keys = row_keys(row_chunks[0], seed)  # (K,), sorted
     known_ids = torch.zeros(1, dtype=torch.long, device=device)  # (K,), id of each key
     frontier, frontier_ids, n_known = s0, known_ids, 1
     while frontier.shape[0] > 0:
@@ -258,10 +227,8 @@ def _discover(
         stop_chunks.append(mask[:, stop])
         parent, action = mask[:, :stop].nonzero(as_tuple=True)  # (C,), (C,)
         children = env.step(frontier[parent], action)  # (C, *S)
-        child_rows = _as_rows(children)  # (C, D)
-        keys, inverse = torch.unique(
-            _row_keys(child_rows, multipliers), return_inverse=True
-        )  # (U,), (C,)
+        child_rows = as_rows(children)  # (C, D)
+        keys, inverse = torch.unique(row_keys(child_rows, seed), return_inverse=True)  # (U,), (C,)
         first = torch.full_like(keys, children.shape[0]).scatter_reduce_(
             0, inverse, torch.arange(children.shape[0], device=device), "amin"
         )  # (U,) a representative child per key
@@ -363,7 +330,7 @@ def _topological_order(
 
 
 def _match_terminals(
-    env: Env, states: Tensor, rows: Tensor, can_stop: Tensor, multipliers: Tensor
+    env: Env, states: Tensor, rows: Tensor, can_stop: Tensor, seed: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Find ``env.enumerate_terminals()`` among the DAG's states; both must list the same
     stop-legal states. Returns terminals ``(T, *S)``, their rows in `states` and their keys."""
@@ -381,9 +348,9 @@ def _match_terminals(
             f"{tuple(states.shape[1:])}), got {tuple(terminals.shape)}"
         )
     terminals = terminals.to(states.device)
-    terminal_rows = _as_rows(terminals)  # (T, D)
-    terminal_keys = _row_keys(terminal_rows, multipliers)  # (T,)
-    node_keys, node_order = torch.sort(_row_keys(rows, multipliers))  # (N,), (N,)
+    terminal_rows = as_rows(terminals)  # (T, D)
+    terminal_keys = row_keys(terminal_rows, seed)  # (T,)
+    node_keys, node_order = torch.sort(row_keys(rows, seed))  # (N,), (N,)
     pos = torch.searchsorted(node_keys, terminal_keys).clamp_max_(node_keys.shape[0] - 1)
     terminal_ids = node_order[pos]  # (T,)
     found = (node_keys[pos] == terminal_keys) & (rows[terminal_ids] == terminal_rows).all(1)
@@ -452,7 +419,7 @@ def terminal_index(env: Env, states: Tensor) -> Tensor:
     states only: a −1 would mark the last entry).
     """
     dag = state_dag(env)
-    keys = _row_keys(_as_rows(states), dag.key_multipliers)  # (B,)
+    keys = row_keys(as_rows(states), dag.key_seed)  # (B,)
     pos = torch.searchsorted(dag.terminal_keys_sorted, keys)  # (B,)
     pos = pos.clamp_max_(dag.terminal_keys_sorted.shape[0] - 1)
     hit = dag.terminal_keys_sorted[pos] == keys  # (B,)

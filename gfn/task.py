@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -20,11 +22,13 @@ from gfn.evaluation import (
     terminal_index,
     true_terminal_distribution,
 )
-from gfn.losses import get_loss
+from gfn.losses import SCORERS, get_loss
 from gfn.policies import GFlowNet, MLPPolicy, masked_log_softmax
 from gfn.replay import ReplayBuffer
 from gfn.sampler import Trajectories, sample_trajectories, trajectory_log_probs
+from gfn.scores import implied_log_z
 from gfn.state_dag import has_modes, implements, is_enumerable
+from kinetic.task import Task
 
 # Losses that score state flows log F(s), so the policy needs a flow head.
 _FLOW_LOSSES = ("db", "subtb")
@@ -66,42 +70,78 @@ def build_policy(cfg: DictConfig, env: Env) -> torch.nn.Module:
     raise ValueError(f"Unknown model: {cfg.model.name!r}; available: {', '.join(MODELS)}")
 
 
-class GFlowNetTask:
+class GFlowNetTask(Task):
     """A GFlowNet on one environment: on-policy batches (optionally mixed with replay), one
-    loss, and exact evaluation where the environment can be enumerated."""
+    loss, and exact evaluation where the environment can be enumerated.
+
+    Args:
+        env: the environment (envs/; `check_env(env)` tells what is wrong with a new one).
+        model: the `GFlowNet` (policy and log Z); a flow-scoring loss (db, subtb) needs a
+            policy with a flow head (`MLPPolicy(..., flow_head=True)`).
+        loss: the loss name (gfn/losses.py: tb, db, subtb, zvar).
+        loss_options: the loss's own arguments, e.g. ``{"lamda": 0.9}`` for subtb.
+        batch_size: trajectories per step.
+        log_z_lr: log Z's own learning rate (None: the optimizer's).
+        log_z_beta3: VRAdam's velocity penalty for log Z's group (None: the optimizer's;
+            other optimizers ignore it).
+        epsilon: probability of a uniform exploratory action (never changes the loss's
+            log-probs).
+        temperature: softmax temperature of the sampling policy.
+        eval_samples: policy samples per evaluation, for environments without exact metrics.
+        replay: a `ReplayBuffer` on `env` (None: on-policy only).
+        replay_fraction: share of each batch drawn from `replay`, in (0, 1).
+        seed: seeds the training stream (`generator`) and, with seed + 1, the evaluation's.
+    """
 
     items_name = "trajectories"
     progress_keys = ("l1",)
+    summary_keys = (
+        "l1", "tv", "jsd", "log_z_error", "modes_found", "spearman_test", "loss",
+        "trajectories_per_sec",
+    )  # fmt: skip
+    objective_key = "l1"
 
-    def __init__(self, cfg: DictConfig) -> None:
-        tc = cfg.task
-        self.env = build_env(cfg)
-        if tc.check_env:  # a few random rollouts: tells an env author what is wrong, in words
-            check_env(self.env, seed=cfg.seed)
-        self.model = GFlowNet(build_policy(cfg, self.env), log_z_init=tc.log_z_init)
-        loss_kwargs = {k: v for k, v in cfg.loss.items() if k != "name"}
-        self.loss_fn = get_loss(cfg.loss.name, **loss_kwargs)
-        self.loss_name = cfg.loss.name
-        self.batch_size = tc.batch_size
-        self.epsilon, self.temperature = tc.epsilon, tc.temperature
-        self.log_z_lr = tc.log_z_lr
-        self.log_z_beta3 = tc.get("log_z_beta3")
+    def __init__(
+        self,
+        env: Env,
+        model: GFlowNet,
+        loss: str = "tb",
+        *,
+        loss_options: Mapping[str, Any] | None = None,
+        batch_size: int = 16,
+        log_z_lr: float | None = 0.1,
+        log_z_beta3: float | None = None,
+        epsilon: float = 0.0,
+        temperature: float = 1.0,
+        eval_samples: int = 256,
+        replay: ReplayBuffer | None = None,
+        replay_fraction: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.env = env
+        self.model = model
+        self.loss_fn = get_loss(loss, **dict(loss_options or {}))
+        self.loss_name = loss
+        self.batch_size = batch_size
+        self.epsilon, self.temperature = epsilon, temperature
+        self.log_z_lr = log_z_lr
+        self.log_z_beta3 = log_z_beta3
         device = self.env.s0.device
-        self.seed = cfg.seed
-        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.seed = seed
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         # Evaluation draws from its own stream, so evaluating never changes the training run.
-        self.eval_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        self.eval_samples = tc.eval_samples
+        self.eval_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.eval_samples = eval_samples
 
         self.replay = None
         self.n_replay = 0
-        if tc.replay.capacity > 0 and tc.replay.fraction > 0:
-            if not 0 < tc.replay.fraction < 1:
+        if replay is not None and replay_fraction > 0:
+            if not 0 < replay_fraction < 1:
                 raise ValueError(
-                    f"Invalid task.replay.fraction: {tc.replay.fraction}; expected (0, 1)"
+                    f"Invalid task.replay.fraction: {replay_fraction}; expected (0, 1)"
                 )
-            self.replay = ReplayBuffer(self.env, tc.replay.capacity, tc.replay.priority)
-            self.n_replay = round(tc.batch_size * tc.replay.fraction)
+            self.replay = replay
+            self.n_replay = round(batch_size * replay_fraction)
         self.items_per_step = self.batch_size
 
         self.found_targets: Tensor | None = None  # for envs with mode_hits, (n_targets,) bool
@@ -109,6 +149,25 @@ class GFlowNetTask:
         if self.enumerable:
             n_terminals = state_dag(self.env).terminals.shape[0]
             self.visited = torch.zeros(n_terminals, dtype=torch.bool, device=self.env.s0.device)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> GFlowNetTask:
+        """The task of a composed config: `env`, `model`, `loss`, `task` (gfn) and `seed`."""
+        tc = cfg.task
+        env = build_env(cfg)
+        if tc.check_env:  # a few random rollouts: tells an env author what is wrong, in words
+            check_env(env, seed=cfg.seed)
+        model = GFlowNet(build_policy(cfg, env), log_z_init=tc.log_z_init)
+        replay = None
+        if tc.replay.capacity > 0 and tc.replay.fraction > 0:
+            replay = ReplayBuffer(env, tc.replay.capacity, tc.replay.priority)
+        return cls(
+            env, model, cfg.loss.name,
+            loss_options={k: v for k, v in cfg.loss.items() if k != "name"},
+            batch_size=tc.batch_size, log_z_lr=tc.log_z_lr, log_z_beta3=tc.get("log_z_beta3"),
+            epsilon=tc.epsilon, temperature=tc.temperature, eval_samples=tc.eval_samples,
+            replay=replay, replay_fraction=tc.replay.fraction, seed=cfg.seed,
+        )  # fmt: skip
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The policy, then log Z with its own learning rate (and VRAdam's beta3, if set)."""
@@ -134,8 +193,7 @@ class GFlowNetTask:
             self.replay.add(batch)
             if old is not None:
                 batch = Trajectories.concatenate([batch, old])
-        log_probs = trajectory_log_probs(self.model, self.env, batch)
-        loss = self.loss_fn(log_probs, batch, self.model.log_z)
+        loss = self.loss_fn(self._score(batch), batch, self.model.log_z)
         extras = {"train/log_z": self.model.log_z.detach()} if self.loss_name == "tb" else {}
         return loss, extras
 
@@ -147,9 +205,13 @@ class GFlowNetTask:
         batch = sample_trajectories(
             self.model, self.env, self.batch_size, generator, self.epsilon, self.temperature
         )
-        return self.loss_fn(
-            trajectory_log_probs(self.model, self.env, batch), batch, self.model.log_z
-        )
+        return self.loss_fn(self._score(batch), batch, self.model.log_z)
+
+    def _score(self, batch: Trajectories) -> Any:
+        """What the loss scores: its own scorer's output (fm, mdb), else the log-probs."""
+        if self.loss_name in SCORERS:
+            return SCORERS[self.loss_name](self.model, self.env, batch)
+        return trajectory_log_probs(self.model, self.env, batch)
 
     @torch.no_grad()
     def _log_pf(self, states: Tensor) -> Tensor:
@@ -159,7 +221,10 @@ class GFlowNetTask:
     @torch.no_grad()
     def log_z(self) -> Tensor | None:
         """The model's estimate of log Z: the learned scalar for TB, log F(s0) for flow losses,
-        none for the log-partition variance loss (which learns no log Z)."""
+        none for the log-partition variance loss (which learns no log Z), and for fm and mdb
+        the one their flows imply (`gfn.scores.implied_log_z`)."""
+        if self.loss_name in SCORERS:
+            return implied_log_z(self.loss_name, self.model, self.env)
         if self.loss_name in _FLOW_LOSSES:
             s0 = self.env.initial_states(1)
             return self.model(self.env.featurize(s0)).log_flow[0]

@@ -1,7 +1,23 @@
-"""The shared machinery: one training loop, run logging and checkpoints for every task."""
+"""The shared machinery: one training loop, tasks, typed configs, run logging and checkpoints."""
 
 from kinetic.checkpoint import load_checkpoint, save_checkpoint
+from kinetic.config import LoggingConfig, TrainConfig
 from kinetic.logging import RunLogger
-from kinetic.loop import Task, train
+from kinetic.loop import NullLogger, train
+from kinetic.stability.monitors import MonitorConfig
+from kinetic.task import TASKS, Task, build_task, register_task
 
-__all__ = ["RunLogger", "Task", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = [
+    "TASKS",
+    "LoggingConfig",
+    "MonitorConfig",
+    "NullLogger",
+    "RunLogger",
+    "Task",
+    "TrainConfig",
+    "build_task",
+    "load_checkpoint",
+    "register_task",
+    "save_checkpoint",
+    "train",
+]

@@ -1,4 +1,4 @@
-"""The optimizer study (issue 7): every optimizer on every task, a few seeds over a small lr sweep.
+"""The optimizer study: every optimizer on every task, a few seeds over a small lr sweep.
 
     python study/optimizer_study.py run --jobs 2        # Hydra multiruns into study_runs/
     python study/optimizer_study.py collect             # docs/results.md and docs/figures/study_*
@@ -42,6 +42,12 @@ TASKS: dict[str, StudyTask] = {
         ("env=hypergrid", "env.ndim=2", "env.height=8", "train.steps=1000", "train.eval_every=100"),
         "l1", True, "HyperGrid 8x8, exact L1", "trajectories",
     ),
+    # The VRAdam paper's GFlowNet setting: flow matching on a grid.
+    "hypergrid_fm": StudyTask(
+        ("env=hypergrid", "env.ndim=2", "env.height=8", "loss=fm", "train.steps=1000",
+         "train.eval_every=100"),
+        "l1", True, "HyperGrid 8x8, flow matching, exact L1", "trajectories",
+    ),
     "hypergrid_4d": StudyTask(
         ("env=hypergrid", "env.ndim=4", "env.height=8", "train.steps=1500", "train.eval_every=150"),
         "l1", True, "HyperGrid 8^4, exact L1", "trajectories",
@@ -75,6 +81,7 @@ OPTIMIZERS: dict[str, tuple[str, tuple[str, ...]]] = {
 # Learning rates per (task, optimizer family): the last one is deliberately aggressive.
 LR_GRID: dict[str, dict[str, tuple[float, ...]]] = {
     "hypergrid_2d": {"adam": (1e-3, 5e-3, 3e-2), "sgd": (1e-2, 3e-2, 3e-1)},
+    "hypergrid_fm": {"adam": (1e-3, 5e-3, 3e-2), "sgd": (1e-2, 3e-2, 3e-1)},
     "hypergrid_4d": {"adam": (1e-3, 5e-3, 3e-2), "sgd": (1e-2, 3e-2, 3e-1)},
     "bitseq": {"adam": (1e-3, 5e-3, 3e-2), "sgd": (1e-2, 3e-2, 3e-1)},
     "ddpm": {"adam": (3e-4, 1e-3, 5e-3, 2e-2), "sgd": (1e-2, 1e-1, 1.0)},

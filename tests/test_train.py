@@ -96,10 +96,20 @@ def test_eta_ratio_is_against_the_lr_of_the_same_step(tmp_path):
     ("override", "message"),
     [
         ("optim.lr=-1", "error: Invalid lr: -1; expected a float in (0, inf)"),
-        ("loss.name=foo", "error: Unknown loss: 'foo'; valid: tb, db, subtb, zvar"),
+        ("loss.name=foo", "error: Unknown loss: 'foo'; valid: tb, db, subtb, zvar, fm, mdb"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
     done = _train(f"hydra.run.dir={tmp_path}", override)
     assert done.returncode == 2
     assert done.stderr.strip() == message
+
+
+def test_the_schemas_reject_a_wrong_type_before_the_run(tmp_path):
+    """Hydra checks the composed config against kinetic/config.py's schemas (its own message,
+    exit code 1); tests/kinetic/test_config.py covers the schemas in-process."""
+    done = _train(f"hydra.run.dir={tmp_path}", "train.steps=abc")
+    assert done.returncode == 1
+    assert "Value 'abc' of type 'str' could not be converted to Integer" in done.stderr
+    assert "full_key: train.steps" in done.stderr
+    assert not (tmp_path / "metrics.json").exists()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -22,13 +22,52 @@ from torch import Tensor
 
 from kinetic.stability.sharpness import preconditioner, sharpness
 
-__all__ = ["MonitorConfig", "StabilityMonitor"]
+__all__ = ["MonitorConfig", "MonitorSchema", "StabilityMonitor"]
 
-_TOP_KEYS = (
-    "every", "window", "spike_z", "oscillation_cos", "oscillation_window", "warn_every",
-    "sharpness", "nonfinite",
-)  # fmt: skip
-_SUB_KEYS = {"sharpness": ("every", "iters"), "nonfinite": ("enabled", "max_consecutive")}
+
+@dataclass
+class SharpnessSchema:
+    """`monitor.sharpness`: the periodic sharpness probe (kinetic/stability/sharpness.py)."""
+
+    every: int = 1500  # steps between probes (top Hessian eigenvalues); 0 = off
+    iters: int = 10  # power iterations per eigenvalue (2 x iters Hessian-vector products)
+
+
+@dataclass
+class NonfiniteSchema:
+    """`monitor.nonfinite`: the non-finite guard (kinetic/stability/guard.py)."""
+
+    enabled: bool = True  # skip a step whose loss or gradients are NaN/Inf (1 host sync per step)
+    max_consecutive: int = 10  # consecutive skipped steps after which the run stops
+
+
+@dataclass
+class MonitorSchema:
+    """The `monitor` config group as Hydra composes it: the one source of its keys, types and
+    defaults (configs/monitor/*.yaml are presets on top). `MonitorConfig.from_dict` turns it
+    into the validated, flat `MonitorConfig` the monitors use."""
+
+    every: int = 5  # update cosine, sign flips, update/weight on steps k-1 and k of every k
+    # steps; loss / grad-norm spikes every step; 0 = no per-step signals
+    window: int = 50  # steps in the rolling window of the loss / grad-norm spike z-scores
+    spike_z: float = 6.0  # z-score (standard deviations above the window mean) of a spike
+    oscillation_cos: float = -0.5  # window-mean update cosine below which the run oscillates
+    oscillation_window: int = 20  # measured updates in that mean (persistent, not one step)
+    warn_every: int = 100  # steps: at most one console warning per signal in this many steps
+    sharpness: SharpnessSchema = field(default_factory=SharpnessSchema)
+    nonfinite: NonfiniteSchema = field(default_factory=NonfiniteSchema)
+
+    def validate(self) -> MonitorConfig:
+        """The validated, flat `MonitorConfig` of these values (errors name the key)."""
+        return MonitorConfig.from_dict(asdict(self))
+
+
+def _names(schema: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(schema))
+
+
+_TOP_KEYS = _names(MonitorSchema)
+_SUB_KEYS = {"sharpness": _names(SharpnessSchema), "nonfinite": _names(NonfiniteSchema)}
 
 
 def _check_keys(node: Mapping, valid: tuple[str, ...], where: str) -> None:
@@ -55,18 +94,19 @@ def _float(name: str, value: Any, low: float, high: float) -> float:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """The `monitor` config group, validated (configs/monitor/default.yaml documents each key)."""
+    """The `monitor` config group, validated and flattened (`sharpness.every` is
+    `sharpness_every`, ...); the defaults and their meaning are `MonitorSchema`'s."""
 
-    every: int = 5  # update signals on steps k-1 and k of every k; 0 = no per-step signals
-    window: int = 50  # steps in the rolling window of the spike z-scores
-    spike_z: float = 6.0  # z-score above which a loss or gradient norm is a spike
-    oscillation_cos: float = -0.5  # window-mean update cosine below which the run oscillates
-    oscillation_window: int = 20  # measured updates averaged for the oscillation test
-    warn_every: int = 100  # steps between two console warnings about the same signal
-    sharpness_every: int = 1500  # steps between sharpness probes; 0 = off
-    sharpness_iters: int = 10  # power iterations per eigenvalue
-    nonfinite: bool = True  # skip steps with a NaN/Inf loss or gradient
-    max_consecutive: int = 10  # consecutive skips after which the run stops
+    every: int = MonitorSchema.every
+    window: int = MonitorSchema.window
+    spike_z: float = MonitorSchema.spike_z
+    oscillation_cos: float = MonitorSchema.oscillation_cos
+    oscillation_window: int = MonitorSchema.oscillation_window
+    warn_every: int = MonitorSchema.warn_every
+    sharpness_every: int = SharpnessSchema.every
+    sharpness_iters: int = SharpnessSchema.iters
+    nonfinite: bool = NonfiniteSchema.enabled
+    max_consecutive: int = NonfiniteSchema.max_consecutive
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any]) -> MonitorConfig:

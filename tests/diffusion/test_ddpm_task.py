@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from diffusion.task import DDPMTask
+from kinetic import TrainConfig, train
 from optim import build_optimizer
 
 HELDOUT = 300  # every DDPM test uses this held-out size: one cached classifier per session
@@ -47,18 +48,14 @@ def _fixed_loss(task: DDPMTask) -> float:
 def test_tiny_unet_loss_falls_and_ema_tracks(tmp_path, classifier_cache, optim):
     torch.manual_seed(0)
     cfg = _cfg(classifier_cache, f"optim={optim}")
-    task = DDPMTask(cfg, tmp_path)
+    task = DDPMTask.from_config(cfg, tmp_path)
     optimizer = build_optimizer(cfg.optim, task.param_groups())
-    schedule = task.lr_schedule(optimizer)
     before = _fixed_loss(task)
-    for step in range(1, cfg.train.steps + 1):
-        loss, _ = task.loss(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        task.after_step(step)
+    config = TrainConfig(steps=60, log_every=60, eval_every=0, warmup_steps=5)
+    final = train(task, optimizer, config, monitor=None)  # no logger: nothing written
     after = _fixed_loss(task)
+    assert final["images"] == 60 * 128 and "fd_ratio" not in final  # eval_every=0: none
+    assert list(tmp_path.iterdir()) == []
     assert after < 0.6 * before, (before, after)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
     state = task.state_dict()
@@ -68,7 +65,7 @@ def test_tiny_unet_loss_falls_and_ema_tracks(tmp_path, classifier_cache, optim):
 
 def test_evaluation_scores_ema_samples_and_saves_the_grid(tmp_path, classifier_cache):
     cfg = _cfg(classifier_cache)
-    task = DDPMTask(cfg, tmp_path)
+    task = DDPMTask.from_config(cfg, tmp_path)
     metrics = task.evaluate(7)
     assert set(metrics) == {"fd", "fd_real", "fd_ratio", "confidence", "class_entropy"}
     assert metrics["fd_ratio"] > 3  # untrained: far from digits
@@ -108,7 +105,7 @@ def test_evaluation_scores_ema_samples_and_saves_the_grid(tmp_path, classifier_c
 )
 def test_config_errors_name_the_value(tmp_path, classifier_cache, override, error, message):
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
-        DDPMTask(_cfg(classifier_cache, override), tmp_path)
+        DDPMTask.from_config(_cfg(classifier_cache, override), tmp_path)
 
 
 def test_folder_data_trains_and_evaluates_without_classifier_metrics(tmp_path, classifier_cache):
@@ -122,7 +119,7 @@ def test_folder_data_trains_and_evaluates_without_classifier_metrics(tmp_path, c
         classifier_cache, "data=folder", f"data.path={folder}", "data.resolution=8",
         "task.sampling.grid_samples=4",
     )  # fmt: skip
-    task = DDPMTask(cfg, tmp_path)
+    task = DDPMTask.from_config(cfg, tmp_path)
     loss, _ = task.loss(1)
     loss.backward()
     assert task.model.conv_in.weight.grad.shape[1] == 3  # RGB in

@@ -2,9 +2,12 @@
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from envs import Env, HyperGrid
 
@@ -153,3 +156,40 @@ def test_enumeration_refuses_huge_grids() -> None:
     env = HyperGrid(ndim=8, height=20)
     with pytest.raises(ValueError, match=re.escape("more than HyperGrid.max_enumerable")):
         env.enumerate_terminals()
+
+
+# Every HyperGrid preset in configs/env: states, modes, the share of R/Z the modes hold and the
+# share the corner plateaus (R >= R0 + R1) hold, as its YAML comment states them; the test
+# recomputes them by enumerating the grid.
+PRESETS = {
+    "hypergrid": (64, 4, 0.464286, 0.785714),
+    "hypergrid_hard": (4096, 16, 0.243857, 0.976599),
+    "hypergrid_hard_32x32": (1024, 36, 0.447887, 0.996180),
+    "hypergrid_hard_16x16x16x16": (65536, 16, 0.018651, 0.971364),
+}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "env"
+
+
+def test_every_hypergrid_preset_is_listed() -> None:
+    assert sorted(p.stem for p in CONFIGS.glob("hypergrid*.yaml")) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_modes_and_their_mass_by_enumeration(preset: str) -> None:
+    path = CONFIGS / f"{preset}.yaml"
+    cfg = OmegaConf.load(path)
+    env = instantiate(cfg)
+    assert isinstance(env, HyperGrid)
+    n_states, n_modes, mass, plateau_mass = PRESETS[preset]
+    terminals = env.enumerate_terminals()
+    rewards = env.reward(terminals, dtype=torch.float64)  # (N,)
+    modes = env.is_mode(terminals)
+    assert terminals.shape[0] == n_states
+    assert int(modes.sum()) == n_modes
+    assert float(rewards[modes].sum() / rewards.sum()) == pytest.approx(mass, abs=1e-6)
+    plateaus = rewards >= env.R0 + env.R1
+    assert float(rewards[plateaus].sum() / rewards.sum()) == pytest.approx(plateau_mass, abs=1e-6)
+    # The comment at the top of the YAML states the same numbers.
+    text = " ".join(line.lstrip("# ") for line in path.read_text().splitlines())
+    assert f"{n_modes} modes" in text and f"{100 * mass:.1f}% of the mass" in text
+    assert f"plateaus hold {100 * plateau_mass:.1f}%" in text

@@ -9,11 +9,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from envs.bitseq import BitSequence
 from envs.hypergrid import HyperGrid
 from gfn.losses import (
     LOSSES,
+    SCORERS,
     detailed_balance,
     detailed_balance_residuals,
+    flow_matching,
+    flow_matching_residuals,
     get_loss,
     log_partition_variance,
     subtrajectory_balance,
@@ -21,32 +25,46 @@ from gfn.losses import (
     trajectory_balance_residuals,
 )
 from gfn.policies import GFlowNet, MLPPolicy, PolicyOutput
-from gfn.sampler import TrajectoryLogProbs, sample_trajectories, trajectory_log_probs
+from gfn.sampler import (
+    Trajectories,
+    TrajectoryLogProbs,
+    sample_trajectories,
+    trajectory_log_probs,
+)
+from gfn.scores import edge_flow_scores, exit_scores, implied_log_z
 
 # --- an exact optimum on a tiny grid --------------------------------------------------------
 
 
 class TablePolicy(nn.Module):
-    """A lookup table over HyperGrid states: log P_F and log F given per state, uniform P_B."""
+    """A lookup table over HyperGrid states: forward logits and log F given per state, uniform
+    P_B."""
 
-    def __init__(self, env: HyperGrid, log_pf: Tensor, log_flows: Tensor) -> None:
+    def __init__(self, env: HyperGrid, logits: Tensor, log_flows: Tensor) -> None:
         super().__init__()
         self.env = env
-        self.log_pf = log_pf  # (N, A)
+        self.logits = logits  # (N, A)
         self.log_flows = log_flows  # (N,)
         self.flow_head = True
 
     def forward(self, features: Tensor) -> PolicyOutput:
         states = features.view(len(features), self.env.ndim, self.env.height).argmax(dim=-1)
         index = self.env.state_index(states)  # (B,)
-        return PolicyOutput(self.log_pf[index], None, self.log_flows[index])
+        return PolicyOutput(self.logits[index], None, self.log_flows[index])
+
+
+def score(name: str, gflownet: GFlowNet, env: HyperGrid, traj: Trajectories) -> object:
+    """What loss `name` scores, as the task computes it."""
+    return SCORERS.get(name, trajectory_log_probs)(gflownet, env, traj)
 
 
 def optimal_gflownet(env: HyperGrid) -> tuple[GFlowNet, float]:
     """The exact optimum for uniform P_B, by brute force over all states (every one terminal).
 
     F(s) = R(s) + sum over children s' of F(s') P_B(s | s'); P_F(a | s) = F(s') P_B(s | s') / F(s)
-    and P_F(exit | s) = R(s) / F(s). Returns the GFlowNet with log Z = log F(s0), and log F(s0).
+    and P_F(exit | s) = R(s) / F(s). The forward logits are the log edge flows
+    log F(s) + log P_F(a | s) (log-softmax gives P_F back; flow matching reads them as flows).
+    Returns the GFlowNet with log Z = log F(s0), and log F(s0).
     """
     states = env.enumerate_terminals()  # (N, D)
     rewards = env.reward(states, dtype=torch.float64)  # (N,)
@@ -68,7 +86,8 @@ def optimal_gflownet(env: HyperGrid) -> tuple[GFlowNet, float]:
             log_pf[i, a] = math.log(f / flows[i])
         log_pf[i, env.stop_action] = math.log(rewards[i] / flows[i])
     log_z = float(flows[0].log())
-    policy = TablePolicy(env, log_pf.float(), flows.log().float())
+    logits = log_pf + flows.log().unsqueeze(1)  # (N, A), log edge flows
+    policy = TablePolicy(env, logits.float(), flows.log().float())
     return GFlowNet(policy, log_z_init=log_z), log_z
 
 
@@ -77,14 +96,151 @@ def test_losses_vanish_at_the_exact_optimum() -> None:
     gflownet, log_z = optimal_gflownet(env)
     assert log_z == pytest.approx(env.true_log_z, abs=1e-9)
     traj = sample_trajectories(gflownet, env, 64, torch.Generator().manual_seed(0), epsilon=0.5)
-    scores = trajectory_log_probs(gflownet, env, traj)
     for name in LOSSES:
-        loss = get_loss(name)(scores, traj, gflownet.log_z)
+        loss = get_loss(name)(score(name, gflownet, env, traj), traj, gflownet.log_z)
         assert loss.item() == pytest.approx(0.0, abs=1e-9), name
+    for name in SCORERS:  # the log Z that fm and mdb imply is the true one
+        assert float(implied_log_z(name, gflownet, env)) == pytest.approx(log_z, abs=1e-5)
     # Off by delta in log Z, trajectory balance is exactly delta^2.
     delta = 0.3
+    scores = trajectory_log_probs(gflownet, env, traj)
     loss = get_loss("tb")(scores, traj, gflownet.log_z + delta)
     assert loss.item() == pytest.approx(delta**2, rel=1e-4)
+
+
+def test_flow_matching_is_positive_off_the_optimum_by_a_closed_form() -> None:
+    """Adding delta to the one edge flow s0 -> (1, 0): (1, 0) has s0 as its only parent, so its
+    flow-matching residual is exactly delta and every other node still matches; a trajectory
+    through (1, 0) scores delta^2 / (n + 1), any other 0."""
+    env = HyperGrid(ndim=2, height=4)
+    gflownet, _ = optimal_gflownet(env)
+    traj = sample_trajectories(gflownet, env, 64, torch.Generator().manual_seed(1), epsilon=0.5)
+    delta = 0.25
+    gflownet.policy.logits[0, 0] += delta  # s0 = row 0, action 0: x_0 += 1
+    through = (traj.states[1] == torch.tensor([1, 0])).all(dim=1) & (traj.lengths >= 1)  # (B,)
+    assert 0 < int(through.sum()) < 64
+    expected = (through.double() * delta**2 / (traj.lengths + 1).double()).mean()
+    loss = get_loss("fm")(score("fm", gflownet, env, traj), traj, gflownet.log_z)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+
+
+# --- fm and mdb against hand-written loops on real trajectories -------------------------------
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def _cell(env: HyperGrid, state: tuple[int, ...]) -> int:
+    return int(env.state_index(torch.tensor([state])))
+
+
+def _log_r(env: HyperGrid, state: tuple[int, ...]) -> float:
+    return float(env.log_reward(torch.tensor([state])))
+
+
+def reference_fm(env: HyperGrid, logits: Tensor, traj: Trajectories) -> float:
+    """Flow matching by hand: parents are x - e_d for x_d > 0, children x + e_d for
+    x_d < H - 1, and the forward logits are log edge flows (the last one into sf)."""
+    total = 0.0
+    for b in range(traj.batch_size):
+        n = int(traj.lengths[b])
+        path = [tuple(traj.states[t, b].tolist()) for t in range(n + 1)]
+        squares = []
+        for s in path[1:]:
+            inflow = [
+                float(logits[_cell(env, (*s[:d], s[d] - 1, *s[d + 1 :])), d])
+                for d in range(env.ndim)
+                if s[d] > 0
+            ]
+            outflow = [float(logits[_cell(env, s), d]) for d in range(env.ndim) if s[d] < 3]
+            outflow.append(float(logits[_cell(env, s), env.ndim]))
+            squares.append((_logsumexp(inflow) - _logsumexp(outflow)) ** 2)
+        exit_flow = float(logits[_cell(env, path[-1]), env.ndim])
+        squares.append((exit_flow - _log_r(env, path[-1])) ** 2)
+        total += sum(squares) / len(squares)
+    return total / traj.batch_size
+
+
+def reference_mdb(env: HyperGrid, logits: Tensor, traj: Trajectories) -> float:
+    """Modified detailed balance by hand, P_F the softmax over legal actions, P_B uniform over
+    the x_d > 0 coordinates."""
+
+    def log_pf(s: tuple[int, ...], a: int) -> float:
+        legal = [d for d in range(env.ndim) if s[d] < 3] + [env.ndim]
+        row = logits[_cell(env, s)]
+        return float(row[a]) - _logsumexp([float(row[d]) for d in legal])
+
+    total = 0.0
+    for b in range(traj.batch_size):
+        n = int(traj.lengths[b])
+        path = [tuple(traj.states[t, b].tolist()) for t in range(n + 1)]
+        squares = []
+        for t in range(n):
+            s, child, a = path[t], path[t + 1], int(traj.actions[t, b])
+            log_pb = -math.log(sum(1 for d in range(env.ndim) if child[d] > 0))
+            residual = (
+                _log_r(env, s) + log_pf(s, a) + log_pf(child, env.ndim)
+                - _log_r(env, child) - log_pb - log_pf(s, env.ndim)
+            )  # fmt: skip
+            squares.append(residual**2)
+        total += sum(squares) / max(n, 1)
+    return total / traj.batch_size
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fm_and_mdb_match_reference_loops_on_a_random_table(seed: int) -> None:
+    env = HyperGrid(ndim=2, height=4)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(env.n_terminals, env.n_actions, generator=g, dtype=torch.float64)
+    gflownet = GFlowNet(TablePolicy(env, logits, torch.zeros(env.n_terminals)))
+    traj = sample_trajectories(gflownet, env, 24, g)
+    assert int(traj.lengths.min()) == 0 or int(traj.lengths.max()) > 2  # varied lengths
+    fm = get_loss("fm")(edge_flow_scores(gflownet, env, traj), traj, gflownet.log_z)
+    mdb = get_loss("mdb")(exit_scores(gflownet, env, traj), traj, gflownet.log_z)
+    assert fm.item() == pytest.approx(reference_fm(env, logits, traj), rel=1e-9)
+    assert mdb.item() == pytest.approx(reference_mdb(env, logits, traj), rel=1e-9)
+    assert fm.item() > 0.0 and mdb.item() > 0.0
+    # The deduplicated trunk pass and the one-row-per-state pass give the same scores.
+    for scorer, loss in ((edge_flow_scores, fm), (exit_scores, mdb)):
+        name = "fm" if scorer is edge_flow_scores else "mdb"
+        plain = get_loss(name)(scorer(gflownet, env, traj, unique_states=False), traj, None)
+        torch.testing.assert_close(plain, loss)
+
+
+def test_flow_matching_residuals_on_padding_and_at_the_sink() -> None:
+    x = random_inputs(7)
+    residuals = flow_matching_residuals(
+        x["log_flows"], x["log_pf"], x["log_pb"][0], x["log_rewards"], x["lengths"]
+    )  # (T + 1, B)
+    rows = torch.arange(7).unsqueeze(1)
+    assert residuals.shape == (7, 9)
+    assert (residuals[(rows == 0) | (rows > x["lengths"] + 1)] == 0).all()
+    b = 0  # n = 5: the sink is row 6
+    assert float(residuals[6, b]) == float(x["log_pb"][0, b] - x["log_rewards"][b])
+    assert float(residuals[3, b]) == float(x["log_flows"][3, b] - x["log_pf"][3, b])
+    padded = torch.cat([x["log_flows"], torch.zeros(3, 9, dtype=torch.float64)])
+    torch.testing.assert_close(
+        flow_matching(padded, padded, x["log_pb"][0], x["log_rewards"], x["lengths"]),
+        flow_matching(
+            x["log_flows"], x["log_flows"], x["log_pb"][0], x["log_rewards"], x["lengths"]
+        ),
+    )
+
+
+def test_mdb_refuses_an_environment_where_some_state_cannot_exit() -> None:
+    env = BitSequence(n=8, k=4, n_targets=2)
+    torch.manual_seed(0)
+    gflownet = GFlowNet(MLPPolicy(env.featurize(env.s0[None]).shape[1], env.n_actions, hidden=8))
+    traj = sample_trajectories(gflownet, env, 4, torch.Generator().manual_seed(0))
+    message = (
+        "The 'mdb' loss needs every state to be terminal, but BitSequence forbids the exit "
+        "action at 5 distinct visited state(s), e.g. [5, -1]; use 'tb', 'db', 'subtb', 'zvar' or "
+        "'fm' with this environment"
+    )  # s0 and the 4 distinct first words drawn; stop is legal only at full length
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        exit_scores(gflownet, env, traj)
 
 
 # --- reference loops on random inputs -------------------------------------------------------
@@ -220,7 +376,7 @@ def test_losses_backpropagate_through_one_trunk_pass() -> None:
     traj = sample_trajectories(gflownet, env, 16, torch.Generator().manual_seed(0))
     for name in LOSSES:
         gflownet.zero_grad()
-        loss = get_loss(name)(trajectory_log_probs(gflownet, env, traj), traj, gflownet.log_z)
+        loss = get_loss(name)(score(name, gflownet, env, traj), traj, gflownet.log_z)
         loss.backward()
         grads = [p.grad for p in policy.parameters()]
         assert all(g is not None and g.isfinite().all() for g in grads), name
@@ -231,7 +387,9 @@ def test_losses_backpropagate_through_one_trunk_pass() -> None:
 
 
 def test_registry_errors_name_the_valid_choices() -> None:
-    with pytest.raises(ValueError, match=r"^Unknown loss: 'TB'; valid: tb, db, subtb, zvar$"):
+    with pytest.raises(
+        ValueError, match=r"^Unknown loss: 'TB'; valid: tb, db, subtb, zvar, fm, mdb$"
+    ):
         get_loss("TB")
     message = "Unknown hyperparameter(s) lambda for loss 'subtb'; valid: lamda"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):

@@ -22,7 +22,7 @@ def _cfg(*overrides: str, env: tuple[str, ...] = ("env.height=4",)):
 
 def test_default_optimizer_gates_policy_but_not_log_z():
     cfg = _cfg()
-    task = GFlowNetTask(cfg)
+    task = GFlowNetTask.from_config(cfg)
     opt = build_optimizer(cfg.optim, task.param_groups())
     assert isinstance(opt, VRAdam) and opt.norm == cfg.task.vradam.norm
     policy, log_z = opt.param_groups
@@ -33,7 +33,7 @@ def test_default_optimizer_gates_policy_but_not_log_z():
 
 def test_adamw_ignores_the_vradam_preset():
     cfg = _cfg("optim=adamw")
-    opt = build_optimizer(cfg.optim, GFlowNetTask(cfg).param_groups())
+    opt = build_optimizer(cfg.optim, GFlowNetTask.from_config(cfg).param_groups())
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["lr"] for g in opt.param_groups] == [cfg.task.adamw.lr, cfg.task.log_z_lr]
 
@@ -43,7 +43,7 @@ def test_replay_fills_part_of_each_batch(priority):
     cfg = _cfg(
         "task.replay.capacity=64", "task.replay.fraction=0.25", f"task.replay.priority={priority}"
     )
-    task = GFlowNetTask(cfg)
+    task = GFlowNetTask.from_config(cfg)
     for step in range(1, 4):
         loss, _ = task.loss(step)
         assert loss.ndim == 0 and torch.isfinite(loss)
@@ -52,7 +52,7 @@ def test_replay_fills_part_of_each_batch(priority):
 
 @pytest.mark.parametrize("loss", ["db", "subtb"])
 def test_flow_losses_report_log_f_of_s0_as_log_z(loss):
-    task = GFlowNetTask(_cfg(f"loss={loss}"))
+    task = GFlowNetTask.from_config(_cfg(f"loss={loss}"))
     s0 = task.env.initial_states(1)
     expected = task.model(task.env.featurize(s0)).log_flow[0].detach()
     assert float(task.log_z()) == pytest.approx(float(expected))
@@ -60,7 +60,7 @@ def test_flow_losses_report_log_f_of_s0_as_log_z(loss):
 
 
 def test_zvar_reports_no_log_z():
-    task = GFlowNetTask(_cfg("loss=zvar"))
+    task = GFlowNetTask.from_config(_cfg("loss=zvar"))
     assert task.log_z() is None
     assert "log_z_error" not in task.evaluate(0)
 
@@ -71,11 +71,11 @@ def test_mlp_on_a_graph_environment_names_the_fix():
         "use model=gnn for graph environments"
     )
     with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
-        GFlowNetTask(_cfg("model=mlp", env=("env=graphs_tiny",)))
+        GFlowNetTask.from_config(_cfg("model=mlp", env=("env=graphs_tiny",)))
 
 
 def test_gnn_policy_trains_on_graphs():
-    task = GFlowNetTask(_cfg("model=gnn", env=("env=graphs_tiny",)))
+    task = GFlowNetTask.from_config(_cfg("model=gnn", env=("env=graphs_tiny",)))
     loss, _ = task.loss(1)
     loss.backward()
     assert torch.isfinite(loss)
@@ -83,7 +83,7 @@ def test_gnn_policy_trains_on_graphs():
 
 
 def test_graphs_too_large_to_enumerate_train_without_exact_metrics():
-    task = GFlowNetTask(_cfg(env=("env=graphs", "env.max_nodes=6")))
+    task = GFlowNetTask.from_config(_cfg(env=("env=graphs", "env.max_nodes=6")))
     assert not task.enumerable
     loss, _ = task.loss(1)
     assert torch.isfinite(loss)
@@ -93,7 +93,7 @@ def test_graphs_too_large_to_enumerate_train_without_exact_metrics():
 def test_probe_loss_has_no_side_effects():
     """The sharpness probe's loss leaves the training stream, the replay buffer and the record
     of visited states as they were, and is reproducible for a given step."""
-    task = GFlowNetTask(_cfg("task.replay.capacity=64", "task.replay.fraction=0.25"))
+    task = GFlowNetTask.from_config(_cfg("task.replay.capacity=64", "task.replay.fraction=0.25"))
     task.loss(1)
     generator, visited = task.generator.get_state(), task.visited.clone()
     n_replay = len(task.replay)

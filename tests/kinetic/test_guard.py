@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from kinetic.loop import train
+from kinetic import MonitorConfig, Task, TrainConfig, train
 from kinetic.stability.guard import NonFiniteError
 from optim.vradam import VRAdam
 
@@ -36,7 +35,7 @@ class _Logger:
     def write_metrics(self, metrics): ...
 
 
-class _NaNTask:
+class _NaNTask(Task):
     """Regression on a fixed batch whose loss (or one gradient) is NaN on chosen calls."""
 
     items_per_step, items_name = 8, "items"
@@ -80,13 +79,11 @@ class _NaNTask:
         return self.model.state_dict()
 
 
-def _cfg(steps: int, max_consecutive: int = 10):
-    return OmegaConf.create({
-        "train": {"steps": steps, "log_every": 2, "eval_every": 100, "clip_grad_norm": 0.0,
-                  "lr_schedule": "constant", "warmup_steps": 0},
-        "monitor": {"window": 2, "oscillation_window": 2, "sharpness": {"every": 0},
-                    "nonfinite": {"enabled": True, "max_consecutive": max_consecutive}},
-    })  # fmt: skip
+def _train(task, optimizer, steps: int, logger, max_consecutive: int = 10):
+    config = TrainConfig(steps=steps, log_every=2, eval_every=100, lr_schedule="constant")
+    monitor = MonitorConfig(window=2, oscillation_window=2, sharpness_every=0,
+                            max_consecutive=max_consecutive)  # fmt: skip
+    return train(task, optimizer, config, monitor=monitor, logger=logger)
 
 
 def _assert_bit_identical(snapshot, task, optimizer):
@@ -115,7 +112,7 @@ def test_nan_at_step_k_leaves_params_and_state_bit_identical(tmp_path, where):
 
     task.loss = loss
     logger = _Logger(tmp_path)
-    final = train(task, optimizer, _cfg(steps=6), logger)
+    final = _train(task, optimizer, 6, logger)
     assert checked == [k]
     assert task.calls == [1, 2, 3, 4, 4, 5, 6]  # the counter did not advance on the skip
     assert sorted(task.snapshots) == [1, 2, 3, 4, 5, 6]
@@ -133,7 +130,7 @@ def test_stops_after_max_consecutive_skips_with_a_checkpoint(tmp_path):
         f"first non-finite tensor: gradient of 2.bias; checkpoint: {path}"
     )
     with pytest.raises(NonFiniteError, match=f"^{re.escape(message)}$"):
-        train(task, optimizer, _cfg(steps=10, max_consecutive=3), _Logger(tmp_path))
+        _train(task, optimizer, 10, _Logger(tmp_path), max_consecutive=3)
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["step"] == 2
     for name, value in checkpoint["model"].items():
@@ -148,7 +145,7 @@ def test_loss_is_named_when_it_is_the_culprit(tmp_path):
         f"first non-finite tensor: loss (nan); checkpoint: {tmp_path / 'checkpoint.pt'}"
     )
     with pytest.raises(NonFiniteError, match=f"^{re.escape(message)}$"):
-        train(task, optimizer, _cfg(steps=10, max_consecutive=1), _Logger(tmp_path))
+        _train(task, optimizer, 10, _Logger(tmp_path), max_consecutive=1)
 
 
 def test_command_line_stop_is_one_line_and_exit_code_1(tmp_path):

@@ -1,0 +1,143 @@
+"""What a task gives the training loop, and the registry that maps a config's `task.name` to one.
+
+A task (GFlowNet, DDPM, ...) owns its model, makes a batch and its loss, and evaluates. It is
+built from plain objects (an environment and a network; a dataset and a UNet) by its
+constructor, or from a composed config by `from_config(cfg, run_dir)`, which the command line
+calls through `build_task`. A new generative task is one `Task` subclass, one
+`register_task(name, cls)` and one YAML preset under configs/task/.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kinetic.schedule import build_schedule
+
+if TYPE_CHECKING:
+    from kinetic.config import TrainConfig
+
+__all__ = ["TASKS", "Task", "build_task", "register_task"]
+
+
+class Task(ABC):
+    """The contract between a task and `kinetic.train`.
+
+    Required (abstract): `model`, `items_per_step`, `param_groups`, `loss`, `evaluate`,
+    `state_dict`. The rest are hooks with working defaults that a task overrides when it needs
+    to. Attributes:
+
+    - `model` (nn.Module): the trained network (the non-finite guard names its parameters).
+    - `items_per_step` (int): trajectories, images, ... consumed by one step (throughput).
+    - `items_name` (str): what those items are called in metrics ("trajectories", "images").
+    - `progress_keys` (tuple of str): evaluation metrics shown beside the progress bar.
+    - `summary_keys` (tuple of str): final metrics printed on the command line's summary line.
+    - `objective_key` (str or None): the final metric a Hydra sweeper minimises.
+    - `generator` (torch.Generator or None): the stream the task's batches are drawn from; the
+      default `probe_loss` restores it so that a sharpness probe never moves the run.
+    """
+
+    model: torch.nn.Module
+    items_per_step: int
+    items_name: str = "items"
+    progress_keys: tuple[str, ...] = ()
+    summary_keys: tuple[str, ...] = ("loss",)
+    objective_key: str | None = None
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], run_dir: str | Path | None = None) -> Task:
+        """The task of a composed config (the whole tree: `task`, `seed`, and the groups the task
+        reads, e.g. `env`, `model`, `loss` or `data`); `run_dir` receives the task's own files
+        (e.g. DDPM's sample grids), None for none."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a config")
+
+    @abstractmethod
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups for the optimizer (e.g. log Z with its own learning rate)."""
+
+    @abstractmethod
+    def loss(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Make a batch and return its loss and extra scalars to log (device tensors)."""
+
+    @abstractmethod
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Evaluation metrics, logged under `eval/` and returned in the final metrics."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """What the checkpoint stores of the task (weights, EMA weights, ...)."""
+
+    def images(self, step: int) -> dict[str, np.ndarray]:
+        """Images to log at evaluation, (H, W, 3) in [0, 1]. Default: none."""
+        return {}
+
+    def after_step(self, step: int) -> None:
+        """Runs after every applied optimizer step (e.g. an EMA of the weights). Default: no-op."""
+        return None
+
+    def lr_schedule(
+        self, optimizer: torch.optim.Optimizer, config: TrainConfig
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """The learning-rate schedule the loop steps after every optimizer step. Default:
+        `kinetic.schedule` (constant | linear | cosine, with a linear warm-up) from `config`."""
+        return build_schedule(optimizer, config.lr_schedule, config.warmup_steps, config.steps)
+
+    def probe_loss(self, step: int) -> Tensor:
+        """A fresh loss graph for the sharpness probe, drawn without moving the run's streams.
+
+        Default: `loss(step)`, with `generator` and torch's global CPU generator restored
+        afterwards, so the training batches are the ones an unprobed run would draw; other side
+        effects of that `loss` call remain. Override it where those matter (the GFlowNet task
+        does: its `loss` also records visited states).
+        """
+        saved = None if self.generator is None else self.generator.get_state()
+        global_state = torch.random.get_rng_state()
+        try:
+            return self.loss(step)[0]
+        finally:
+            torch.random.set_rng_state(global_state)
+            if saved is not None:
+                self.generator.set_state(saved)
+
+
+# name -> the class, or "module:Class" imported on first use (so `task=gfn` never imports
+# diffusers).
+TASKS: dict[str, type[Task] | str] = {
+    "gfn": "gfn.task:GFlowNetTask",
+    "ddpm": "diffusion.task:DDPMTask",
+}
+
+
+def register_task(name: str, cls: type[Task] | str) -> None:
+    """Make `task.name=<name>` build `cls` (a `Task` subclass, or its "module:Class" path)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Invalid task name: {name!r}; expected a non-empty string")
+    if isinstance(cls, type) and not issubclass(cls, Task):
+        raise TypeError(f"register_task({name!r}, {cls.__name__}): not a kinetic.Task subclass")
+    if not isinstance(cls, type | str):
+        raise TypeError(f"register_task({name!r}, {cls!r}): expected a Task subclass or a path")
+    TASKS[name] = cls
+
+
+def task_class(name: str) -> type[Task]:
+    """The class registered under `name`."""
+    if name not in TASKS:
+        raise ValueError(f"Unknown task: {name!r}; available: {', '.join(TASKS)}")
+    cls = TASKS[name]
+    if isinstance(cls, str):
+        module, _, attr = cls.partition(":")
+        cls = TASKS[name] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def build_task(cfg: Mapping[str, Any], run_dir: str | Path | None = None) -> Task:
+    """The task named by `cfg.task.name`, from the composed config (`Task.from_config`)."""
+    return task_class(cfg["task"]["name"]).from_config(cfg, run_dir)
