@@ -20,6 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kinetic import MonitorConfig, RunLogger, Task, TrainConfig, build_task, train
+from kinetic.device import resolve_device
+from kinetic.precision import Precision
 from kinetic.stability.guard import NonFiniteError
 from optim import build_optimizer
 
@@ -43,6 +45,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     """One run of the composed config `cfg`; returns its final metrics and its task."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    # Checked before anything is built: an unavailable device or unknown precision is one line.
+    precision = Precision(cfg.precision, resolve_device(cfg.device))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     task = build_task(cfg, run_dir)
     optimizer = build_optimizer(cfg.optim, task.param_groups())
@@ -53,6 +57,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
         metrics = train(
             task, optimizer, train_config, monitor=monitor, logger=logger,
             log_images=cfg.logging.images, run_config=OmegaConf.to_container(cfg, resolve=True),
+            precision=precision,
         )  # fmt: skip
     finally:
         logger.close()

@@ -27,6 +27,7 @@ import argparse
 import ast
 import contextlib
 import functools
+import itertools
 import os
 import re
 import statistics
@@ -43,19 +44,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch
-import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
 
 import optim.vradam
-from diffusion.data import BatchSampler, load_digits_split
-from diffusion.task import build_noise_scheduler, build_unet
+from diffusion.data import build_dataset
+from diffusion.task import DDPMTask, build_noise_scheduler, build_unet
 from envs.hypergrid import HyperGrid
-from gfn.losses import get_loss
 from gfn.policies import GFlowNet, MLPPolicy
-from gfn.sampler import sample_trajectories, trajectory_log_probs
-from kinetic.precision import Precision
-from kinetic.stability.guard import NonFiniteGuard
+from gfn.task import GFlowNetTask
+from kinetic import TrainConfig, train
 from optim import OPTIMIZERS, build_optimizer
 
 # Host syncs a training step may make, by the function of this repository they happen in.
@@ -104,87 +101,67 @@ def optimizer_step(cfg: dict, device: torch.device) -> Step:
     return step
 
 
-def _guarded_update(
-    loss: torch.Tensor,
-    params: list[torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    precision: Precision,
-    guard: NonFiniteGuard,
-    clip: float,
-) -> None:
-    """The loop's phases after the loss: backward, gradient norm, guard, clip, step."""
-    optimizer.zero_grad(set_to_none=True)
-    precision.backward(loss, optimizer)
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if not guard.is_finite(loss, grad_norm, params, precision):
-        precision.skip(optimizer)
-        return
-    if clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
-    precision.step(optimizer, checked=True)
+class TrainingRun:
+    """The real training loop (`kinetic.train`) on a GFlowNet or DDPM task on `device`.
+
+    ``gfn``: trajectory balance on HyperGrid 8^4 (`small`: 8^2) with the 256x2 MLP (`small`:
+    64x2), batch 16, VRAdam with the task's preset. ``ddpm``: the default UNet (`small`:
+    unet_tiny) on digits, batch 128 (`small`: 32), VRAdam, clip 1, EMA. Monitors and the guard
+    at their defaults; no evaluation.
+    """
+
+    def __init__(self, kind: str, device: torch.device, precision: str, small: bool) -> None:
+        torch.manual_seed(0)
+        self.device, self.precision = device, precision
+        if kind == "gfn":
+            env = HyperGrid(ndim=2 if small else 4, height=8).to(device)
+            policy = MLPPolicy(env.ndim * 8, env.n_actions, hidden=64 if small else 256)
+            self.task = GFlowNetTask(env, GFlowNet(policy).to(device), "tb", batch_size=16)
+            optim_cfg = {"name": "vradam", "lr": 5e-3, "beta3": 0.03, "norm": "group"}
+            self.clip = 0.0
+        elif kind == "ddpm":
+            data_cfg = {"name": "digits", "resolution": 8, "channels": 1, "heldout_size": 400}
+            data = build_dataset(OmegaConf.create(data_cfg), 0, device)
+            unet = OmegaConf.load(ROOT / f"configs/model/{'unet_tiny' if small else 'unet'}.yaml")
+            model = build_unet(unet, channels=1, resolution=8).to(device)
+            schedule = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
+            noise_scheduler = build_noise_scheduler(schedule)
+            self.task = DDPMTask(data, model, noise_scheduler, batch_size=32 if small else 128)
+            optim_cfg = {"name": "vradam", "lr": 2e-3}
+            self.clip = 1.0
+        else:
+            raise ValueError(f"Unknown training case: {kind!r}; expected gfn or ddpm")
+        self.optimizer = build_optimizer(optim_cfg, self.task.param_groups())
+
+    def run(self, steps: int, on_step: Callable[[int], None] | None = None) -> list[float]:
+        """`steps` steps of the loop; returns seconds per step, from the end of one step to the
+        end of the next (on CUDA synchronised), the first and the last (a logging step) left
+        out. With `on_step`, each step's number goes to it instead and nothing is timed."""
+        stamps: list[float] = []
+
+        def callback(step: int) -> None:
+            if on_step is not None:
+                on_step(step)
+                return
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+        config = TrainConfig(
+            steps=steps, log_every=steps, eval_every=0, clip_grad_norm=self.clip,
+            lr_schedule="constant",
+        )  # fmt: skip
+        train(self.task, self.optimizer, config, precision=self.precision, callbacks=[callback])
+        return [b - a for a, b in itertools.pairwise(stamps)][:-1]
 
 
-def gfn_step(device: torch.device, precision_name: str, small: bool = False) -> Step:
-    """One trajectory-balance step on HyperGrid 8^4 (`small`: 8^2) with the 256x2 MLP (`small`:
-    64x2), batch 16, VRAdam with the task's preset."""
-    torch.manual_seed(0)
-    env = HyperGrid(ndim=2 if small else 4, height=8).to(device)
-    hidden = 64 if small else 256
-    model = GFlowNet(MLPPolicy(env.ndim * 8, env.n_actions, hidden=hidden)).to(device)
-    optimizer = build_optimizer(
-        {"name": "vradam", "lr": 5e-3, "beta3": 0.03, "norm": "group"},
-        model.parameter_groups(log_z_lr=0.1),
-    )
-    params = list(model.parameters())
-    precision, guard = Precision(precision_name, device), NonFiniteGuard([], 10)
-    loss_fn, generator = get_loss("tb"), torch.Generator(device).manual_seed(0)
-
-    def step() -> None:
-        with precision.autocast():
-            batch = sample_trajectories(model, env, 16, generator)
-            loss = loss_fn(trajectory_log_probs(model, env, batch), batch, model.log_z)
-        _guarded_update(loss, params, optimizer, precision, guard, clip=0.0)
-
-    return step
-
-
-def ddpm_step(device: torch.device, precision_name: str, small: bool = False) -> Step:
-    """One DDPM step of the default UNet (`small`: unet_tiny) on digits, batch 128 (`small`:
-    32), VRAdam, clip 1, EMA."""
-    torch.manual_seed(0)
-    model_cfg = OmegaConf.load(ROOT / f"configs/model/{'unet_tiny' if small else 'unet'}.yaml")
-    model = build_unet(model_cfg, channels=1, resolution=8).to(device)
-    ema = EMAModel(model.parameters(), decay=0.999, use_ema_warmup=True, foreach=True)
-    optimizer = build_optimizer({"name": "vradam", "lr": 2e-3}, model.parameters())
-    params = list(model.parameters())
-    precision, guard = Precision(precision_name, device), NonFiniteGuard([], 10)
-    scheduler = build_noise_scheduler({"num_train_timesteps": 1000, "beta_schedule": "linear"})
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    generator = torch.Generator(device).manual_seed(0)
-    images = load_digits_split(400, 0)[0].to(device)
-    batches = BatchSampler(images, 32 if small else 128, generator)
-
-    def step() -> None:
-        x0 = batches()
-        noise = torch.randn(x0.shape, generator=generator, device=device)
-        t = torch.randint(1000, (x0.shape[0],), generator=generator, device=device)
-        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        with precision.autocast():
-            loss = F.mse_loss(model(x_t, t).sample.float(), noise)
-        _guarded_update(loss, params, optimizer, precision, guard, clip=1.0)
-        ema.step(model.parameters())
-
-    return step
-
-
-def training_cases(small: bool = False) -> list[tuple[str, Callable[[torch.device], Step]]]:
-    """(label, builder) of the GFlowNet and DDPM training steps in fp32 and bf16."""
+def training_cases(small: bool = False) -> list[tuple[str, Callable[[torch.device], TrainingRun]]]:
+    """(label, builder) of the GFlowNet and DDPM training runs in fp32 and bf16."""
     cases = []
-    for precision_name in ("fp32", "bf16"):
-        for name, build in (("gfn", gfn_step), ("ddpm", ddpm_step)):
-            builder = functools.partial(build, precision_name=precision_name, small=small)
-            cases.append((f"{name}-{precision_name}", builder))
+    for precision in ("fp32", "bf16"):
+        for kind in ("gfn", "ddpm"):
+            build = functools.partial(TrainingRun, kind, precision=precision, small=small)
+            cases.append((f"{kind}-{precision}", build))
     return cases
 
 
@@ -208,8 +185,9 @@ def _enclosing_function(path: str, line: int) -> str:
 
 
 class SyncRecorder:
-    """Records every synchronizing CUDA op inside it as (repository file, function, line):
-    the innermost frame of this repository on the stack when the op ran."""
+    """Records every synchronizing CUDA op between `start()` and `stop()` (or inside a `with`)
+    as (repository file, function, line): the innermost frame of this repository on the stack
+    when the op ran."""
 
     def __init__(self) -> None:
         self.syncs: list[tuple[str, str, int]] = []
@@ -228,16 +206,22 @@ class SyncRecorder:
             return
         self.syncs.append(("<outside the repository>", filename, lineno))
 
-    def __enter__(self) -> SyncRecorder:
+    def start(self) -> None:
         self._stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("always")
         warnings.showwarning = self._hook
         torch.cuda.set_sync_debug_mode("warn")
         self._stack.callback(torch.cuda.set_sync_debug_mode, "default")
+
+    def stop(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> SyncRecorder:
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        self.stop()
 
     def unexpected(self) -> list[str]:
         """The recorded syncs outside `ALLOWED_SYNCS`, as 'file:line (function)', once each."""
@@ -245,33 +229,43 @@ class SyncRecorder:
         return sorted(bad)
 
 
+def _report(label: str, recorder: SyncRecorder, steps: int) -> list[str]:
+    bad = recorder.unexpected()
+    allowed = sum(1 for f, fn, _ in recorder.syncs if (f, fn) in ALLOWED_SYNCS)
+    status = "ok" if not bad else "FAIL"
+    print(f"  {label:<24} {status:<4} {allowed / steps:6.1f} allowed syncs/step", flush=True)
+    return [f"{label}: host sync at {where}" for where in bad]
+
+
 def check_syncs(steps: int) -> list[str]:
-    """Run every optimizer and training step on CUDA under the recorder; the failures."""
+    """Every optimizer's step and the training loop's steps on CUDA under the recorder (the
+    first step, which initialises state, and the last, which logs, left out); the failures."""
     device = torch.device("cuda")
     with SyncRecorder() as probe:
         torch.ones(1, device=device).item()
     if not probe.syncs:
         return ["the sync recorder saw no sync from .item(); the sync check cannot run here"]
     failures = []
-    cases = [
-        (f"optim {n}", functools.partial(optimizer_step, cfg)) for n, cfg in optimizer_cases(device)
-    ]
-    cases += [(f"train {n}", build) for n, build in training_cases()]
-    for label, build in cases:
-        step = build(device)
-        step()  # first step: lazy state initialisation may sync once, by design
+    for name, cfg in optimizer_cases(device):
+        step = optimizer_step(cfg, device)
+        step()  # the first step initialises the optimizer state
         torch.cuda.synchronize()
         with SyncRecorder() as recorder:
             for _ in range(steps):
                 step()
         torch.cuda.synchronize()
-        bad = recorder.unexpected()
-        allowed = len(recorder.syncs) - sum(
-            1 for f, fn, _ in recorder.syncs if (f, fn) not in ALLOWED_SYNCS
-        )
-        status = "ok" if not bad else "FAIL"
-        print(f"  {label:<24} {status:<4} {allowed / steps:6.1f} allowed syncs/step", flush=True)
-        failures += [f"{label}: host sync at {where}" for where in bad]
+        failures += _report(f"optim {name}", recorder, steps)
+    for name, build in training_cases():
+        recorder, total = SyncRecorder(), steps + 2
+
+        def on_step(step: int, recorder: SyncRecorder = recorder, total: int = total) -> None:
+            if step == 1:
+                recorder.start()
+            elif step == total - 1:
+                recorder.stop()
+
+        build(device).run(total, on_step=on_step)
+        failures += _report(f"train {name}", recorder, steps)
     return failures
 
 
@@ -295,19 +289,22 @@ def time_step(step: Step, device: torch.device, steps: int) -> float:
 
 
 def speed(devices: list[torch.device], steps: int, optimizers: bool, small: bool) -> None:
-    """ms/step of the training steps (and of every optimizer) on each device."""
+    """Median ms/step of the training loop's steps (and of every optimizer) on each device."""
     print(f"  {'step':<24}" + "".join(f"{d!s:>12}" for d in devices) + "   (ms/step)")
-    cases = training_cases(small)
+    cases: list[tuple[str, Callable[[torch.device], float]]] = [
+        (f"train {label}", lambda d, b=build: statistics.median(b(d).run(steps + 3)) * 1e3)
+        for label, build in training_cases(small)
+    ]
     if optimizers:
         cases += [
-            (f"optim {n}", functools.partial(optimizer_step, c))
-            for n, c in optimizer_cases(devices[-1])
+            (f"optim {name}", lambda d, c=cfg: time_step(optimizer_step(c, d), d, steps))
+            for name, cfg in optimizer_cases(devices[-1])
         ]
-    for label, build in cases:
+    for label, measure in cases:
         row = []
         for device in devices:
             try:
-                row.append(f"{time_step(build(device), device, steps):12.2f}")
+                row.append(f"{measure(device):12.2f}")
             except Exception as err:  # an implementation that does not run on this device
                 row.append(f"{'n/a':>12}")
                 print(f"  {label} on {device}: {type(err).__name__}: {err}", file=sys.stderr)
@@ -336,23 +333,28 @@ def _env() -> dict[str, str]:
 
 
 def short_runs(device: str, quick: bool) -> list[str]:
-    """HyperGrid and DDPM through train.py on `device` in fp32 and bf16; their summary lines."""
-    gfn_steps, ddpm_steps = (60, 20) if quick else (600, 300)
-    runs = {
-        "hypergrid": [f"train.steps={gfn_steps}", f"train.eval_every={gfn_steps}"],
-        "ddpm": [
-            "task=ddpm", "model=unet_tiny" if quick else "model=unet", f"train.steps={ddpm_steps}",
-            f"train.eval_every={ddpm_steps}", "train.warmup_steps=0", "task.sampling.steps=10",
-            f"task.quality={str(not quick).lower()}",
-        ],
-    }  # fmt: skip
+    """HyperGrid and DDPM through train.py on `device`, in fp32 and bf16 (`quick`: bf16 only,
+    a few steps of a tiny UNet); prints their summary lines, returns the failures."""
+    if quick:
+        precisions = ("bf16",)
+        gfn = ["train.steps=20", "train.eval_every=20", "threads=1"]
+        ddpm = [
+            "model=unet_tiny", "train.steps=5", "train.eval_every=5", "task.batch_size=16",
+            "task.sampling.steps=2", "task.sampling.grid_samples=4", "task.quality=false",
+            "threads=1",
+        ]  # fmt: skip
+    else:
+        precisions = ("fp32", "bf16")
+        gfn = ["train.steps=600", "train.eval_every=600"]
+        ddpm = ["train.steps=300", "train.eval_every=300", "task.sampling.steps=10"]
+    runs = {"hypergrid": gfn, "ddpm": ["task=ddpm", "train.warmup_steps=0", *ddpm]}
     failures = []
     run_root = tempfile.mkdtemp(prefix="kinetic_gpu_check_")
     for name, overrides in runs.items():
-        for precision_name in ("fp32", "bf16"):
+        for precision in precisions:
             command = [
-                sys.executable, "train.py", f"device={device}", f"precision={precision_name}",
-                "logging.progress=false", f"hydra.run.dir={run_root}/{name}-{precision_name}",
+                sys.executable, "train.py", f"device={device}", f"precision={precision}",
+                "logging.progress=false", f"hydra.run.dir={run_root}/{name}-{precision}",
                 *overrides,
             ]  # fmt: skip
             start = time.perf_counter()
@@ -361,11 +363,11 @@ def short_runs(device: str, quick: bool) -> list[str]:
             done = [line for line in result.stdout.splitlines() if line.startswith("done:")]
             if result.returncode != 0 or not done:
                 tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-                failures.append(f"run {name} {precision_name} on {device}: {' | '.join(tail)}")
-                print(f"  {name:<10} {precision_name}: FAIL", flush=True)
+                failures.append(f"run {name} {precision} on {device}: {' | '.join(tail)}")
+                print(f"  {name:<10} {precision}: FAIL", flush=True)
                 continue
             summary = re.sub(r" run_dir=\S+", "", done[-1])
-            print(f"  {name:<10} {precision_name}: {wall:5.1f}s  {summary}", flush=True)
+            print(f"  {name:<10} {precision}: {wall:5.1f}s  {summary}", flush=True)
     return failures
 
 

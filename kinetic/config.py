@@ -174,6 +174,9 @@ class KineticConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0  # seeds the model's initialisation and every stream of the run
     threads: int = 1  # CPU intra-op threads: 1 is fastest for small models on a 2-core machine
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass and loss
+    compile: bool = False  # torch.compile the policy / the UNet (with channels_last)
 
 
 # Task schemas by task name; `register_schemas` stores them as `schema/task/<name>`.

@@ -4,6 +4,14 @@
 config. Each step reads top to bottom in phases: batch -> loss -> backward -> guard -> clip ->
 step -> schedule -> monitors -> log -> evaluate -> callbacks; a checkpoint at the end (and when
 the guard stops a run).
+
+The run lives on the device of the task's model; `precision` (kinetic/precision.py) puts the
+batch and loss phase under autocast and, for fp16, scales the loss. Host syncs in a step, the
+only ones (on CUDA each stalls the device until its queue drains): the guard's one finite check;
+the task's own (a GFlowNet sampler's per-step exit check and its count of visited states);
+every `log_every` steps the logged scalars; the sharpness probe when due; and in fp16 without
+the guard, `GradScaler.step`'s overflow check. `benchmarks/gpu_check.py` checks this list on a
+GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from kinetic.checkpoint import save_checkpoint
 from kinetic.config import TrainConfig
 from kinetic.logging import RunLogger
+from kinetic.precision import Precision
 from kinetic.stability.guard import NonFiniteError, NonFiniteGuard
 from kinetic.stability.monitors import MonitorConfig, StabilityMonitor, velocity_scalars
 from kinetic.task import Task
@@ -63,9 +72,18 @@ def _build_monitors(
     return stability, guard
 
 
+def _skip_scalars(guard: NonFiniteGuard) -> dict[str, float]:
+    """The guard's counts: non-finite steps, and fp16 scaler overflows (also skipped)."""
+    return {
+        "stability/nonfinite_skips": float(guard.total_skips),
+        "stability/overflow_skips": float(guard.overflow_skips),
+    }
+
+
 def _checkpoint(
     task: Task,
     optimizer: torch.optim.Optimizer,
+    precision: Precision,
     run_config: Mapping[str, Any],
     logger: RunLogger | NullLogger,
     step: int,
@@ -78,6 +96,7 @@ def _checkpoint(
         path,
         model=task.state_dict(),
         optimizer=optimizer.state_dict(),
+        scaler=precision.state_dict(),  # fp16's loss scale; empty otherwise
         step=step,
         config=dict(run_config),
     )
@@ -94,6 +113,7 @@ def train(
     callbacks: Sequence[Callable[[int], None]] = (),
     log_images: bool = True,
     run_config: Mapping[str, Any] | None = None,
+    precision: Precision | str = "fp32",
 ) -> dict[str, float]:
     """Run `config.steps` optimisation steps of `task` with `optimizer`; returns the final
     metrics (the last evaluation's, the last loss, steps, items, throughput, wall time).
@@ -110,6 +130,9 @@ def train(
         log_images: log the task's `images` at each evaluation.
         run_config: the resolved config stored in the checkpoint (train.py passes the whole
             Hydra config); default: `{"train": ..., "monitor": ...}` of this call.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (or a `Precision`): autocast around
+            the task's loss on the model's device; fp16 adds a gradient scaler, whose
+            overflow steps the guard skips without counting them as non-finite steps.
 
     A step whose loss or gradients are not finite is skipped when the guard is on: no optimizer
     step, no schedule step, no `after_step`, no callbacks, and the step number does not
@@ -119,6 +142,8 @@ def train(
     """
     # Setup: config, schedule, monitors. Nothing here draws from a random stream.
     tc = (TrainConfig() if config is None else config).validate()
+    if not isinstance(precision, Precision):
+        precision = Precision(precision, next(task.model.parameters()).device)
     logger = NullLogger() if logger is None else logger
     if run_config is None:
         run_config = {"train": asdict(tc), "monitor": None if monitor is None else asdict(monitor)}
@@ -131,14 +156,15 @@ def train(
     window_start, window_eval = start, 0.0
     step = 1
     while step <= tc.steps:
-        # Batch: sample one and score it.
-        loss, extras = task.loss(step)
+        # Batch: sample one and score it (under autocast in bf16 and fp16).
+        with precision.autocast():
+            loss, extras = task.loss(step)
 
-        # Backward, then the gradient norm (a device tensor: no sync). The norm is a pass over
-        # every gradient, so it is skipped on steps where nothing (clip, guard, monitor, log)
-        # needs it.
+        # Backward (fp16: scaled, then the gradients unscaled), then the gradient norm (a device
+        # tensor: no sync). The norm is a pass over every gradient, so it is skipped on steps
+        # where nothing (clip, guard, monitor, log) needs it.
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        precision.backward(loss, optimizer)
         logging_step = step % tc.log_every == 0 or step == tc.steps
         needs_norm = guard is not None or stability_monitor is not None
         if tc.clip_grad_norm > 0 or logging_step or needs_norm:
@@ -146,11 +172,13 @@ def train(
                 [p.grad for p in params if p.grad is not None]
             )
 
-        # Guard: skip a non-finite step before it touches the parameters (one host sync).
-        if guard is not None and not guard.is_finite(loss, grad_norm, params):
-            logger.scalars(step, {"stability/nonfinite_skips": float(guard.total_skips)})
+        # Guard: skip a non-finite step before it touches the parameters (one host sync). In
+        # fp16 an overflow of the scaled gradients is skipped too, halving the scale.
+        if guard is not None and not guard.is_finite(loss, grad_norm, params, precision):
+            precision.skip(optimizer)
+            logger.scalars(step, _skip_scalars(guard))
             if guard.exhausted:
-                path = _checkpoint(task, optimizer, run_config, logger, step - 1)
+                path = _checkpoint(task, optimizer, precision, run_config, logger, step - 1)
                 raise NonFiniteError(guard.stop_message(step, str(path)))
             continue
 
@@ -162,7 +190,7 @@ def train(
         if stability_monitor is not None:
             stability_monitor.before_step(step)
         lr = optimizer.param_groups[0]["lr"]  # this step's alpha_0, before the schedule moves it
-        optimizer.step()
+        precision.step(optimizer, checked=guard is not None)
         schedule.step()
         task.after_step(step)
         logger.progress(1)
@@ -190,7 +218,7 @@ def train(
             if stability_monitor is not None:
                 stability |= stability_monitor.scalars()
             if guard is not None:
-                stability["stability/nonfinite_skips"] = float(guard.total_skips)
+                stability |= _skip_scalars(guard)
             logger.scalars(step, scalars | stability)
             logger.postfix(loss=scalars["train/loss"])
             window_start, window_eval = now, 0.0
@@ -229,8 +257,10 @@ def train(
     }
     if guard is not None:
         final["nonfinite_skips"] = float(guard.total_skips)
+        if precision.scaling:
+            final["overflow_skips"] = float(guard.overflow_skips)
     logger.write_metrics(final)
-    _checkpoint(task, optimizer, run_config, logger, tc.steps)
+    _checkpoint(task, optimizer, precision, run_config, logger, tc.steps)
     if not math.isfinite(final["loss"]):
         raise FloatingPointError(f"training ended with a non-finite loss ({final['loss']})")
     return final

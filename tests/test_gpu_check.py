@@ -31,14 +31,15 @@ def test_the_cpu_half_runs_and_passes():
     """What a user without a GPU sees: it says so, times the steps on the CPU, exits 0."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--skip", "runs"],
+        [sys.executable, str(SCRIPT), "--quick"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "No CUDA device here: running the CPU half" in out
-    for label in ("gfn-fp32", "gfn-bf16", "ddpm-fp32", "ddpm-bf16"):
+    for label in ("train gfn-fp32", "train gfn-bf16", "train ddpm-fp32", "train ddpm-bf16"):
         assert label in out
+    assert "hypergrid  bf16:" in out and "ddpm       bf16:" in out  # train.py device=cpu runs
     assert "gpu_check: all checks passed" in out
 
 

@@ -15,6 +15,7 @@ from envs.hypergrid import HyperGrid
 from gfn.losses import trajectory_balance
 from gfn.policies import GFlowNet, MLPPolicy
 from gfn.sampler import sample_trajectories, trajectory_log_probs
+from kinetic import Task, TrainConfig, train
 from kinetic.precision import OVERFLOW_MIN_SCALE, Precision
 from kinetic.stability.guard import NonFiniteGuard
 from optim import VRAdam
@@ -213,3 +214,56 @@ def test_fp16_without_guard_lets_the_scaler_skip():
     restored = Precision("fp16", "cpu")
     restored.load_state_dict(state)
     assert restored.scale() == 2.0**39
+
+
+class _RegressionTask(Task):
+    """Least squares through an fp16-autocast MLP, for the loop end to end."""
+
+    items_per_step = 32
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.net = _Regression()
+        self.model = self.net.net
+        self.after: list[int] = []
+
+    def param_groups(self):
+        return [{"params": list(self.model.parameters())}]
+
+    def loss(self, step):
+        return self.net.loss(), {}
+
+    def after_step(self, step):
+        self.after.append(step)
+
+    def evaluate(self, step):
+        return {}
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+
+def test_the_loop_in_fp16_skips_overflows_and_finishes_every_step():
+    """train() with a scale far too large: the first steps overflow and are skipped (no
+    after_step, not counted as non-finite), then all `steps` steps apply and the loss falls."""
+    task = _RegressionTask()
+    precision = Precision("fp16", "cpu")
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    optimizer = torch.optim.SGD(task.param_groups(), lr=0.05)
+    first = float(task.loss(0)[0].detach())
+    metrics = train(task, optimizer, TrainConfig(steps=30, eval_every=0), precision=precision)
+    assert metrics["overflow_skips"] >= 10 and metrics["nonfinite_skips"] == 0
+    assert task.after == list(range(1, 31))  # each applied step once, skipped ones never
+    assert metrics["loss"] < first
+    assert precision.scale() < 2.0**40
+
+
+def test_the_loop_autocasts_the_loss_in_bf16():
+    task = _RegressionTask()
+    seen = []
+    original = task.net.loss
+    task.loss = lambda step: (seen.append(torch.is_autocast_enabled("cpu")), (original(), {}))[1]
+    optimizer = torch.optim.SGD(task.param_groups(), lr=0.05)
+    train(task, optimizer, TrainConfig(steps=3, eval_every=0), precision="bf16")
+    assert seen == [True] * 3
+    assert all(p.dtype == torch.float32 for p in task.model.parameters())
