@@ -72,12 +72,12 @@ def _build_monitors(
     return stability, guard
 
 
-def _skip_scalars(guard: NonFiniteGuard) -> dict[str, float]:
-    """The guard's counts: non-finite steps, and fp16 scaler overflows (also skipped)."""
-    return {
-        "stability/nonfinite_skips": float(guard.total_skips),
-        "stability/overflow_skips": float(guard.overflow_skips),
-    }
+def _skip_scalars(guard: NonFiniteGuard, precision: Precision) -> dict[str, float]:
+    """The guard's counts: non-finite steps and, in fp16, the scaler's overflows (skipped too)."""
+    scalars = {"stability/nonfinite_skips": float(guard.total_skips)}
+    if precision.scaling:
+        scalars["stability/overflow_skips"] = float(guard.overflow_skips)
+    return scalars
 
 
 def _checkpoint(
@@ -176,7 +176,7 @@ def train(
         # fp16 an overflow of the scaled gradients is skipped too, halving the scale.
         if guard is not None and not guard.is_finite(loss, grad_norm, params, precision):
             precision.skip(optimizer)
-            logger.scalars(step, _skip_scalars(guard))
+            logger.scalars(step, _skip_scalars(guard, precision))
             if guard.exhausted:
                 path = _checkpoint(task, optimizer, precision, run_config, logger, step - 1)
                 raise NonFiniteError(guard.stop_message(step, str(path)))
@@ -218,7 +218,7 @@ def train(
             if stability_monitor is not None:
                 stability |= stability_monitor.scalars()
             if guard is not None:
-                stability |= _skip_scalars(guard)
+                stability |= _skip_scalars(guard, precision)
             logger.scalars(step, scalars | stability)
             logger.postfix(loss=scalars["train/loss"])
             window_start, window_eval = now, 0.0
