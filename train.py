@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kinetic import MonitorConfig, RunLogger, Task, TrainConfig, build_task, train
 from kinetic.device import resolve_device
+from kinetic.logging import config_hparams
 from kinetic.precision import Precision
 from kinetic.stability.guard import NonFiniteError
 from optim import build_optimizer
@@ -53,6 +54,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     train_config = TrainConfig(**cfg.train).validate()
     monitor = MonitorConfig.from_dict(cfg.monitor)  # validated before the progress bar starts
     logger = RunLogger(run_dir, cfg.train.steps, progress=cfg.logging.progress)
+    hydra_cfg = HydraConfig.get()  # the HParams tab: this run's overrides and group choices
+    logger.hparams(config_hparams(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices))
     try:
         metrics = train(
             task, optimizer, train_config, monitor=monitor, logger=logger,

@@ -1,17 +1,18 @@
-"""Median time of one optimizer `step()`: VRAdam (each implementation) against torch's AdamW.
+"""Time of one optimizer `step()`: every VRAdam implementation against torch's fused AdamW.
 
-Models of 1M and 10M fp32 parameters spread over a few hundred tensors (weights and biases of
-square linear layers), gradients fixed, on the CPU. Implementations are timed in interleaved
-rounds so that drift in the machine's speed hits all of them alike. Run:
+Models of fp32 parameters spread over a few hundred tensors (weights and biases of square
+linear layers), gradients fixed. Every optimizer steps the same parameters and keeps its own
+state; they are timed in interleaved rounds so that drift in the machine's speed hits all of
+them alike, and the table gives the median time per step, the bandwidth it achieves (the bytes
+the step must move, from BYTES below, over its time) and its ratio to fused AdamW measured in the
+same run. On the CPU a plain copy of AdamW's byte count is timed in the same rounds, as the
+machine's attainable bandwidth. Run:
 
-    python benchmarks/optim_step.py                  # 1M and 10M parameters, 1 and 2 threads
-    python benchmarks/optim_step.py --sizes 1e6 --threads 1
+    python benchmarks/optim_step.py --threads 1                # CPU: 1M and 10M parameters
+    python benchmarks/optim_step.py --device cuda              # 10M, 100M, 1B parameters
 
-The exact VRAdam step must read m and g once more than Adam (for ||m_t||^2 before the update),
-about 36 against 28 bytes per parameter, so ~1.3x fused AdamW is the floor for a memory-bound
-step; the printed ratio is against fused AdamW measured in the same run.
-``velocity="mean"`` costs the same as the paper's sum; ``velocity="precond"`` needs v_t and Adam's
-direction before eta_t is known, so it runs foreach ops instead of the fused kernel.
+Memory: 8 bytes per parameter (theta, g) plus 8 per optimizer (m, v); at 1B parameters and the
+default set on CUDA, about 90 GB (use --only to time fewer).
 """
 
 from __future__ import annotations
@@ -25,76 +26,132 @@ from collections.abc import Callable
 import torch
 
 from optim import VRAdam
+from optim.vradam import triton_available
 
-OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
-    "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
-    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
-    "vradam-reference": lambda ps: VRAdam(ps, lr=1e-3, impl="reference"),
-    "vradam-fused": lambda ps: VRAdam(ps, lr=1e-3, impl="fused"),
-    "vradam-fused-mean": lambda ps: VRAdam(ps, lr=1e-3, impl="fused", velocity="mean"),
-    "vradam-fused-precond": lambda ps: VRAdam(ps, lr=1e-3, impl="fused", velocity="precond"),
+# Bytes each step must read and write per fp32 parameter (4 bytes per tensor touched).
+# AdamW: read theta, g, m, v; write theta, m, v. Exact VRAdam needs s_t before any theta moves:
+# fused (CPU) reads m, g (precond: m, v, g) once more before the AdamW pass; Triton's two passes
+# are g, m, v -> m, v then theta, m, v -> theta. Lagged: one pass, AdamW's bytes.
+BYTES = {
+    "adamw-foreach": 28,
+    "adamw-fused": 28,
+    "vradam-reference": 28,  # not bandwidth-bound: many temporaries per tensor
+    "vradam-fused": 36,
+    "vradam-fused-mean": 36,
+    "vradam-fused-precond": 40,
+    "vradam-fused-lagged": 32,  # lagged on the CPU: AdamW's pass, then a read of m for s_t
+    "vradam-triton": 36,
+    "vradam-triton-mean": 36,
+    "vradam-triton-precond": 36,
+    "vradam-triton-lagged": 28,
 }
 BASELINE = "adamw-fused"
 
 
-def make_params(n_params: int, n_tensors: int, seed: int = 0) -> list[torch.nn.Parameter]:
+def _vradam(impl: str, **options) -> Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]:
+    return lambda ps: VRAdam(ps, lr=1e-3, impl=impl, **options)
+
+
+OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
+    "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+    "vradam-reference": _vradam("reference"),
+    "vradam-fused": _vradam("fused"),
+    "vradam-fused-mean": _vradam("fused", velocity="mean"),
+    "vradam-fused-precond": _vradam("fused", velocity="precond"),
+    "vradam-fused-lagged": _vradam("fused", norm_timing="lagged"),
+    "vradam-triton": _vradam("triton"),
+    "vradam-triton-mean": _vradam("triton", velocity="mean"),
+    "vradam-triton-precond": _vradam("triton", velocity="precond"),
+    "vradam-triton-lagged": _vradam("triton", norm_timing="lagged"),
+}
+
+
+def make_params(n_params: int, n_tensors: int, device: str) -> list[torch.nn.Parameter]:
     """Weights (d, d) and biases (d,) of n_tensors/2 linear layers, about n_params in all."""
     n_layers = n_tensors // 2
     d = round((-1 + math.sqrt(1 + 4 * n_params / n_layers)) / 2)  # d^2 + d per layer
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(0)
     params = []
     for _ in range(n_layers):
         for shape in ((d, d), (d,)):
-            p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
-            p.grad = torch.randn(shape, generator=gen) * 1e-3
+            p = torch.randn(shape, generator=gen, device=device).mul_(0.02)
+            p = torch.nn.Parameter(p)
+            p.grad = torch.randn(shape, generator=gen, device=device).mul_(1e-3)
             params.append(p)
     return params
 
 
-def time_steps(n_params: int, n_tensors: int, rounds: int, steps: int) -> dict[str, float]:
-    """Median seconds per step of each optimizer, over `rounds` interleaved rounds."""
-    optimizers = {name: make(make_params(n_params, n_tensors)) for name, make in OPTIMIZERS.items()}
-    for opt in optimizers.values():  # create the state; first steps allocate
+def _clock(device: str) -> Callable[[], float]:
+    if device == "cuda":
+
+        def now() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+        return now
+    return time.perf_counter
+
+
+def time_steps(
+    names: list[str], n_params: int, n_tensors: int, rounds: int, steps: int, device: str
+) -> dict[str, float]:
+    """Median seconds per step of each optimizer (and of "copy", the bandwidth probe)."""
+    params = make_params(n_params, n_tensors, device)
+    optimizers = {name: OPTIMIZERS[name](params) for name in names}
+    n = sum(p.numel() for p in params)
+    src = torch.empty(BYTES[BASELINE] // 8 * n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)  # copy_: reads and writes 14 bytes per parameter, 28 in all
+    tasks: dict[str, Callable[[], object]] = {name: opt.step for name, opt in optimizers.items()}
+    tasks["copy"] = lambda: dst.copy_(src)
+    for task in tasks.values():  # create the state, compile kernels; first steps allocate
         for _ in range(3):
-            opt.step()
-    samples: dict[str, list[float]] = {name: [] for name in optimizers}
+            task()
+    now = _clock(device)
+    samples: dict[str, list[float]] = {name: [] for name in tasks}
     for _ in range(rounds):
-        for name, opt in optimizers.items():
-            start = time.perf_counter()
+        for name, task in tasks.items():
+            start = now()
             for _ in range(steps):
-                opt.step()
-            samples[name].append((time.perf_counter() - start) / steps)
+                task()
+            samples[name].append((now() - start) / steps)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sizes", type=float, nargs="+", help="default: 1e6 1e7 (cuda: 1e7-1e9)")
     parser.add_argument("--tensors", type=int, default=300, help="parameter tensors per model")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU threads")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument(
-        "--only", nargs="+", choices=list(OPTIMIZERS), help="time only these (default: all)"
-    )
+    parser.add_argument("--only", nargs="+", choices=list(OPTIMIZERS), help="time only these")
     args = parser.parse_args()
-    if args.only:
-        keep = {*args.only, BASELINE, "vradam-fused"}
-        for name in list(OPTIMIZERS):
-            if name not in keep:
-                del OPTIMIZERS[name]
-
-    print(f"torch {torch.__version__}, CPU, fp32, {args.tensors} tensors, median of {args.rounds}")
-    header = f"{'params':>7} {'threads':>7} " + " ".join(f"{n:>20}" for n in OPTIMIZERS)
-    print(header + f" {'vradam-fused/adamw-fused':>25}")
-    for size in args.sizes:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    names = [n for n in OPTIMIZERS if not args.only or n in args.only or n == BASELINE]
+    if args.device == "cpu" or not triton_available():
+        # On the CPU Triton only interprets (numpy per program): far too slow to time.
+        names = [n for n in names if "triton" not in n]
+    sizes = args.sizes or ([1e7, 1e8, 1e9] if args.device == "cuda" else [1e6, 1e7])
+    threads = args.threads if args.device == "cpu" else [torch.get_num_threads()]
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {where}, fp32, {args.tensors} tensors, "
+          f"median of {args.rounds} interleaved rounds")  # fmt: skip
+    print(f"{'params':>7} {'threads':>7} {'optimizer':<22} {'ms/step':>9} {'GB/s':>7} "
+          f"{'x adamw-fused':>13}")  # fmt: skip
+    for size in args.sizes or sizes:
         n_params = int(size)
-        steps = max(1, int(2e7 // n_params))  # ~20M parameter-updates per sample
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            medians = time_steps(n_params, args.tensors, args.rounds, steps)
-            cells = " ".join(f"{medians[n] * 1e3:>17.3f} ms" for n in OPTIMIZERS)
-            ratio = medians["vradam-fused"] / medians[BASELINE]
-            print(f"{n_params / 1e6:>6.0f}M {threads:>7} {cells} {ratio:>24.2f}x")
+        steps = max(1, int((2e9 if args.device == "cuda" else 2e7) // n_params))
+        for t in threads:
+            torch.set_num_threads(t)
+            medians = time_steps(names, n_params, args.tensors, args.rounds, steps, args.device)
+            for name in [*names, "copy"]:
+                bytes_moved = BYTES.get(name, BYTES[BASELINE]) * n_params
+                gbs = bytes_moved / medians[name] / 1e9
+                ratio = medians[name] / medians[BASELINE]
+                print(f"{n_params / 1e6:>6.0f}M {t:>7} {name:<22} {medians[name] * 1e3:>9.3f} "
+                      f"{gbs:>7.1f} {ratio:>12.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from optim.adahb import AdaHBAdam, AdaHBSGD
 from optim.adamp import SGDP, AdamP
+from optim.adamw import AdamW
 from optim.kadam import KAdam
+from optim.protocol import AdaptiveMomentum, VelocityGated
 from optim.registry import OPTIMIZERS, build_optimizer, register_optimizer
 from optim.vradam import VRAdam
 
@@ -12,8 +14,11 @@ __all__ = [
     "AdaHBAdam",
     "AdaHBSGD",
     "AdamP",
+    "AdamW",
+    "AdaptiveMomentum",
     "KAdam",
     "VRAdam",
+    "VelocityGated",
     "build_optimizer",
     "register_optimizer",
 ]

@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from optim.adam_state import init_adam_state
+from optim.template import evaluate_closure, gather, hyperparameters
+from optim.validation import check_float, check_lr
 
 __all__ = ["AdaHBAdam", "AdaHBSGD", "adahb_adam", "adahb_sgd", "heavy_ball_momentum"]
 
@@ -37,13 +39,9 @@ def heavy_ball_momentum(
 
 
 def _validate(lr: float, delta: float, weight_decay: float) -> None:
-    # `not 0 < x` rather than `x <= 0` so that NaN is rejected too.
-    if isinstance(lr, Tensor) or not 0.0 < lr < math.inf:
-        raise ValueError(f"Invalid lr: {lr!r}; expected a float in (0, inf)")
-    if not 0.0 < delta <= 1.0:
-        raise ValueError(f"Invalid delta: {delta!r}; expected a float in (0, 1]")
-    if not 0.0 <= weight_decay < math.inf:
-        raise ValueError(f"Invalid weight_decay: {weight_decay!r}; expected a float in [0, inf)")
+    check_lr(lr)
+    check_float("delta", delta, 0.0, 1.0, open_low=True, open_high=False)
+    check_float("weight_decay", weight_decay)
 
 
 def _acc_dtype(tensors: list[Tensor]) -> torch.dtype:
@@ -60,50 +58,35 @@ class _AdaHB(Optimizer):
         self.last_momentum: Tensor | None = None
         self.last_curvature: Tensor | None = None
 
-    def _init_group(self, group: dict) -> tuple[dict[str, list[Tensor]], Tensor | None]:
-        lists: dict[str, list[Tensor]] = {
-            k: [] for k in ("params", "grads", "prev_grads", "prev_updates")
-        }
-        if self._adam:
-            lists |= {k: [] for k in ("exp_avgs", "exp_avg_sqs", "steps", "beta1_prods")}
-        previous = None
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            state = self.state[p]
-            if len(state) == 0:
-                grad = -p.grad if group["maximize"] else p.grad
-                if group["weight_decay"] != 0 and not self._adam:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                # g_{k-1} := g_k on a parameter's first step: it adds nothing to ||dg||.
-                state["prev_grad"] = grad.clone(memory_format=torch.preserve_format)
-                state["prev_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["momentum"] = torch.zeros((), dtype=_acc_dtype([p]), device=p.device)
-                if self._adam:
-                    init_adam_state(state, p)
-                    state["beta1_prod"] = torch.ones((), dtype=torch.float64, device=p.device)
-            if previous is None:
-                previous = state["momentum"]
-            lists["params"].append(p)
-            lists["grads"].append(p.grad)
-            lists["prev_grads"].append(state["prev_grad"])
-            lists["prev_updates"].append(state["prev_update"])
+    def _init_group(self, group: dict) -> tuple[dict[str, list], Tensor | None]:
+        """The group's lists for the functional, and beta_{k-1} (None: no gradients)."""
+
+        def init(state: dict, p: Tensor) -> None:
+            grad = -p.grad if group["maximize"] else p.grad
+            if group["weight_decay"] != 0 and not self._adam:
+                grad = grad.add(p, alpha=group["weight_decay"])
+            # g_{k-1} := g_k on a parameter's first step: it adds nothing to ||dg||.
+            state["prev_grad"] = grad.clone(memory_format=torch.preserve_format)
+            state["prev_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["momentum"] = torch.zeros((), dtype=_acc_dtype([p]), device=p.device)
             if self._adam:
-                lists["exp_avgs"].append(state["exp_avg"])
-                lists["exp_avg_sqs"].append(state["exp_avg_sq"])
-                lists["steps"].append(state["step"])
-                lists["beta1_prods"].append(state["beta1_prod"])
+                init_adam_state(state, p)
+                state["beta1_prod"] = torch.ones((), dtype=torch.float64, device=p.device)
+
+        keys = {"prev_grads": "prev_grad", "prev_updates": "prev_update"}
+        if self._adam:
+            keys |= {
+                "exp_avgs": "exp_avg", "exp_avg_sqs": "exp_avg_sq", "state_steps": "step",
+                "beta1_prods": "beta1_prod",
+            }  # fmt: skip
+        lists = gather(self, group, init, **keys)
+        previous = lists["states"][0]["momentum"] if lists["states"] else None
         return lists, previous
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         betas, curvatures = [], []
         for group in self.param_groups:
             lists, previous = self._init_group(group)
@@ -186,10 +169,7 @@ class AdaHBSGD(_AdaHB):
             lists["prev_grads"],
             lists["prev_updates"],
             previous,
-            lr=group["lr"],
-            delta=group["delta"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
+            **hyperparameters(group, ("lr", "delta", "weight_decay", "maximize")),
         )
 
 
@@ -208,8 +188,7 @@ def adahb_sgd(
     """Functional AdaHB-SGD over one group (single-tensor loop); returns (beta_k, h_k)."""
     acc = _acc_dtype(params)
     effective = []
-    sq_dg = torch.zeros((), dtype=acc, device=params[0].device)
-    sq_dx = torch.zeros((), dtype=acc, device=params[0].device)
+    sq_dg, sq_dx = (torch.zeros((), dtype=acc, device=params[0].device) for _ in range(2))
     # Stage 1: the curvature estimate along the last move.
     for p, grad, prev_grad, prev_update in zip(
         params, grads, prev_grads, prev_updates, strict=True
@@ -286,10 +265,8 @@ class AdaHBAdam(_AdaHB):
         maximize: bool = False,
     ) -> None:
         _validate(lr, delta, weight_decay)
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"Invalid beta2: {beta2!r}; expected a float in [0, 1)")
-        if not 0.0 < eps < math.inf:
-            raise ValueError(f"Invalid eps: {eps!r}; expected a float in (0, inf)")
+        check_float("beta2", beta2, 0.0, 1.0)
+        check_float("eps", eps, open_low=True)
         defaults = dict(
             lr=lr, beta2=beta2, delta=delta, eps=eps, weight_decay=weight_decay, maximize=maximize
         )
@@ -303,16 +280,14 @@ class AdaHBAdam(_AdaHB):
             lists["prev_updates"],
             lists["exp_avgs"],
             lists["exp_avg_sqs"],
-            lists["steps"],
+            lists["state_steps"],
             lists["beta1_prods"],
             previous,
-            lr=group["lr"],
-            beta2=group["beta2"],
-            delta=group["delta"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
+            **hyperparameters(group, _ADAM_HYPERPARAMETERS),
         )
+
+
+_ADAM_HYPERPARAMETERS = ("lr", "beta2", "delta", "eps", "weight_decay", "maximize")
 
 
 def adahb_adam(
@@ -336,8 +311,7 @@ def adahb_adam(
     """Functional AdaHB-Adam over one group (single-tensor loop); returns (beta_k, h_k)."""
     acc = _acc_dtype(params)
     denoms, effective = [], []
-    sq_dg = torch.zeros((), dtype=acc, device=params[0].device)
-    sq_dx = torch.zeros((), dtype=acc, device=params[0].device)
+    sq_dg, sq_dx = (torch.zeros((), dtype=acc, device=params[0].device) for _ in range(2))
     # Stage 1: v_k, the preconditioner P_k and the curvature estimate in its metric.
     for grad, prev_grad, prev_update, v, step in zip(
         grads, prev_grads, prev_updates, exp_avg_sqs, state_steps, strict=True

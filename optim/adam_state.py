@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 
-def init_adam_state(state: dict, p: Tensor) -> None:
-    """Fill an empty `state` for parameter `p`: step 0, m_0 = v_0 = 0 shaped like `p`."""
+def init_adam_state(state: dict, p: Tensor, dtype: torch.dtype | None = None) -> None:
+    """Fill an empty `state` for parameter `p`: step 0, m_0 = v_0 = 0 shaped like `p` (in
+    `dtype`, default `p`'s: kernels that keep fp32 moments for bf16/fp16 weights pass float32)."""
     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)

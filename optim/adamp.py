@@ -15,22 +15,18 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from optim.adam_state import init_adam_state
+from optim.template import evaluate_closure, gather, hyperparameters
+from optim.validation import check_betas, check_float, check_lr
 
 __all__ = ["SGDP", "AdamP", "adamp", "project_radial", "sgdp"]
 
 
 def _check_common(lr: float, eps: float, weight_decay: float, delta: float, wd_ratio: float):
-    # `not 0 < x` rather than `x <= 0` so that NaN is rejected too.
-    if isinstance(lr, Tensor) or not 0.0 < lr < math.inf:
-        raise ValueError(f"Invalid lr: {lr!r}; expected a float in (0, inf)")
-    if not 0.0 < eps < math.inf:
-        raise ValueError(f"Invalid eps: {eps!r}; expected a float in (0, inf)")
-    if not 0.0 <= weight_decay < math.inf:
-        raise ValueError(f"Invalid weight_decay: {weight_decay!r}; expected a float in [0, inf)")
-    if not 0.0 < delta < math.inf:
-        raise ValueError(f"Invalid delta: {delta!r}; expected a float in (0, inf)")
-    if not 0.0 <= wd_ratio <= 1.0:
-        raise ValueError(f"Invalid wd_ratio: {wd_ratio!r}; expected a float in [0, 1]")
+    check_lr(lr)
+    check_float("eps", eps, open_low=True)
+    check_float("weight_decay", weight_decay)
+    check_float("delta", delta, open_low=True)
+    check_float("wd_ratio", wd_ratio, 0.0, 1.0, open_high=False)
 
 
 def project_radial(
@@ -67,19 +63,38 @@ def project_radial(
 
 def _wd_factor(projected: Tensor, wd_ratio: float, like: Tensor) -> Tensor:
     """wd_ratio where the update was projected, else 1, in `like`'s dtype (no host sync)."""
-    ratio = torch.full((), wd_ratio, dtype=like.dtype, device=like.device)
-    return torch.where(projected, ratio, torch.ones_like(ratio))
+    # Filled on the device in `like`'s dtype: a Python float would be wrapped as float32.
+    return torch.where(projected, like.new_full((), wd_ratio), like.new_ones(()))
 
 
-def _validate_betas(betas: tuple[float, float]) -> None:
-    if len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid betas[{i}]: {beta!r}; expected a float in [0, 1)")
+_ADAMP_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "delta", "wd_ratio", "nesterov")
+_SGDP_HYPERPARAMETERS = (
+    "lr", "momentum", "dampening", "weight_decay", "nesterov", "eps", "delta", "wd_ratio",
+)  # fmt: skip
 
 
-class AdamP(Optimizer):
+class _Projected(Optimizer):
+    """The step of AdamP and SGDP: gather, run the functional, keep each `projected` flag."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
+        loss = evaluate_closure(closure)
+        for group in self.param_groups:
+            lists = self._init_group(group)
+            projected = self._functional(lists, group)
+            for state, flag in zip(lists["states"], projected, strict=True):
+                state["projected"] = flag  # 0-dim bool: was this update projected?
+        return loss
+
+    def _init_group(self, group: dict) -> dict[str, list]:
+        raise NotImplementedError
+
+    def _functional(self, lists: dict[str, list], group: dict) -> list[Tensor]:
+        raise NotImplementedError
+
+
+class AdamP(_Projected):
     r"""AdamP (Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
     Scale-invariant Weights", ICLR 2021, arXiv 2006.08217), as the authors' released code.
 
@@ -123,59 +138,25 @@ class AdamP(Optimizer):
         nesterov: bool = False,
     ) -> None:
         _check_common(lr, eps, weight_decay, delta, wd_ratio)
-        _validate_betas(betas)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            nesterov=nesterov,
-        )
-        super().__init__(params, defaults)
+        check_betas(betas)
+        hyper = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta)
+        super().__init__(params, hyper | dict(wd_ratio=wd_ratio, nesterov=nesterov))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, states = [], [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamP does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    init_adam_state(state, p)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-                states.append(state)
-            projected = adamp(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                lr=group["lr"],
-                beta1=group["betas"][0],
-                beta2=group["betas"][1],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                delta=group["delta"],
-                wd_ratio=group["wd_ratio"],
-                nesterov=group["nesterov"],
-            )
-            for state, flag in zip(states, projected, strict=True):
-                state["projected"] = flag
-        return loss
+    def _init_group(self, group: dict) -> dict[str, list]:
+        return gather(
+            self, group, init_adam_state, exp_avgs="exp_avg", exp_avg_sqs="exp_avg_sq",
+            state_steps="step",
+        )  # fmt: skip
+
+    def _functional(self, lists: dict[str, list], group: dict) -> list[Tensor]:
+        return adamp(
+            lists["params"],
+            lists["grads"],
+            lists["exp_avgs"],
+            lists["exp_avg_sqs"],
+            lists["state_steps"],
+            **hyperparameters(group, _ADAMP_HYPERPARAMETERS),
+        )
 
 
 def adamp(
@@ -212,7 +193,7 @@ def adamp(
     return flags
 
 
-class SGDP(Optimizer):
+class SGDP(_Projected):
     r"""SGDP (Heo et al., ICLR 2021, arXiv 2006.08217): SGD with momentum whose update of
     scale-invariant weights loses its radial component, as the authors' released code.
 
@@ -254,66 +235,32 @@ class SGDP(Optimizer):
         wd_ratio: float = 0.1,
     ) -> None:
         _check_common(lr, eps, weight_decay, delta, wd_ratio)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum: {momentum!r}; expected a float in [0, 1)")
-        if not 0.0 <= dampening <= 1.0:
-            raise ValueError(f"Invalid dampening: {dampening!r}; expected a float in [0, 1]")
+        check_float("momentum", momentum, 0.0, 1.0)
+        check_float("dampening", dampening, 0.0, 1.0, open_high=False)
         if nesterov and (momentum == 0 or dampening != 0):
             raise ValueError(
                 f"Invalid nesterov=True with momentum={momentum!r}, dampening={dampening!r}; "
                 "Nesterov momentum needs momentum > 0 and dampening = 0"
             )
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            eps=eps,
-            delta=delta,
-            wd_ratio=wd_ratio,
+        hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+        super().__init__(
+            params, hyper | dict(nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio)
         )
-        super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, buffers, states = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SGDP does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                params.append(p)
-                grads.append(p.grad)
-                buffers.append(state["momentum_buffer"])
-                states.append(state)
-            projected = sgdp(
-                params,
-                grads,
-                buffers,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                eps=group["eps"],
-                delta=group["delta"],
-                wd_ratio=group["wd_ratio"],
-            )
-            for state, flag in zip(states, projected, strict=True):
-                state["projected"] = flag
-        return loss
+    def _init_group(self, group: dict) -> dict[str, list]:
+        return gather(self, group, _init_momentum, momentum_buffers="momentum_buffer")
+
+    def _functional(self, lists: dict[str, list], group: dict) -> list[Tensor]:
+        return sgdp(
+            lists["params"],
+            lists["grads"],
+            lists["momentum_buffers"],
+            **hyperparameters(group, _SGDP_HYPERPARAMETERS),
+        )
+
+
+def _init_momentum(state: dict, p: Tensor) -> None:
+    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def sgdp(

@@ -6,7 +6,6 @@ direction into a second Adam normaliser, and so on, k times in all; k = 1 is Ada
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
@@ -15,6 +14,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from optim.adam_state import init_adam_state
+from optim.template import evaluate_closure, gather, hyperparameters
+from optim.validation import check_betas, check_float, check_lr
 
 __all__ = ["KAdam", "is_stable", "kadam"]
 
@@ -82,20 +83,10 @@ class KAdam(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        # `not 0 < x` rather than `x <= 0` so that NaN is rejected too.
-        if isinstance(lr, Tensor) or not 0.0 < lr < math.inf:
-            raise ValueError(f"Invalid lr: {lr!r}; expected a float in (0, inf)")
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid betas[{i}]: {beta!r}; expected a float in [0, 1)")
-        if not 0.0 < eps < math.inf:
-            raise ValueError(f"Invalid eps: {eps!r}; expected a float in (0, inf)")
-        if not 0.0 <= weight_decay < math.inf:
-            raise ValueError(
-                f"Invalid weight_decay: {weight_decay!r}; expected a float in [0, inf)"
-            )
+        check_lr(lr)
+        check_betas(betas)
+        check_float("eps", eps, open_low=True)
+        check_float("weight_decay", weight_decay)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"Invalid k: {k!r}; expected an int >= 1")
         if not is_stable(betas):
@@ -111,50 +102,39 @@ class KAdam(Optimizer):
         )
         super().__init__(params, defaults)
 
+    def _init_group(self, group: dict) -> dict[str, list]:
+        """Gather the group's tensors; ``exp_avgs[i]``/``exp_avg_sqs[i]`` list parameter i's
+        k levels (level 1 from ``exp_avg``, levels 2..k as views of the stacked state)."""
+
+        def init(state: dict, p: Tensor) -> None:
+            init_adam_state(state, p)
+            if group["k"] > 1:
+                state["inner_exp_avg"] = p.new_zeros((group["k"] - 1, *p.shape))
+                state["inner_exp_avg_sq"] = p.new_zeros((group["k"] - 1, *p.shape))
+
+        lists = gather(self, group, init, state_steps="step")
+        lists["exp_avgs"], lists["exp_avg_sqs"] = [], []
+        for state in lists["states"]:
+            inner = group["k"] > 1
+            m_inner = list(state["inner_exp_avg"].unbind(0)) if inner else []
+            v_inner = list(state["inner_exp_avg_sq"].unbind(0)) if inner else []
+            lists["exp_avgs"].append([state["exp_avg"], *m_inner])
+            lists["exp_avg_sqs"].append([state["exp_avg_sq"], *v_inner])
+        return lists
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
-            k = group["k"]
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("KAdam does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    init_adam_state(state, p)
-                    if k > 1:
-                        inner = (k - 1, *p.shape)
-                        state["inner_exp_avg"] = p.new_zeros(inner)
-                        state["inner_exp_avg_sq"] = p.new_zeros(inner)
-                levels_m = [state["exp_avg"]]
-                levels_v = [state["exp_avg_sq"]]
-                if k > 1:
-                    levels_m += list(state["inner_exp_avg"].unbind(0))
-                    levels_v += list(state["inner_exp_avg_sq"].unbind(0))
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(levels_m)
-                exp_avg_sqs.append(levels_v)
-                steps.append(state["step"])
+            lists = self._init_group(group)
             kadam(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                lr=group["lr"],
-                beta1=group["betas"][0],
-                beta2=group["betas"][1],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
+                lists["params"],
+                lists["grads"],
+                lists["exp_avgs"],
+                lists["exp_avg_sqs"],
+                lists["state_steps"],
+                **hyperparameters(group, ("lr", "betas", "eps", "weight_decay", "maximize")),
             )
         return loss
 

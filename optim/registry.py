@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
 from torch.optim import Optimizer
 
 from optim.adahb import AdaHBAdam, AdaHBSGD
 from optim.adamp import SGDP, AdamP
+from optim.adamw import AdamW
 from optim.kadam import KAdam
 from optim.vradam import VRAdam
 
@@ -17,7 +18,7 @@ __all__ = ["OPTIMIZERS", "build_optimizer", "register_optimizer"]
 
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "vradam": VRAdam,
-    "adamw": torch.optim.AdamW,
+    "adamw": AdamW,
     "adamp": AdamP,
     "sgdp": SGDP,
     "adahb_sgd": AdaHBSGD,
@@ -36,16 +37,32 @@ def register_optimizer(name: str, factory: Callable[..., Optimizer]) -> None:
 def build_optimizer(cfg: Mapping[str, Any], params: Iterable) -> Optimizer:
     """Build the optimizer named by `cfg["name"]`; every other key is a constructor argument.
 
-    `cfg` is a plain mapping or an OmegaConf node, e.g. ``{"name": "vradam", "lr": 3e-3}``;
+    `cfg` is a plain mapping or an OmegaConf node, e.g. ``{"name": "vradam", "lr": 3e-3}``; a
+    name with a dot that is not registered is an import path, e.g. ``my_optims.Lion``;
     `params` is an iterable of tensors or of param-group dicts, as for any torch optimizer.
     """
     cfg = dict(cfg)
     name = cfg.pop("name", None)
-    if name not in OPTIMIZERS:
+    factory = OPTIMIZERS.get(name) if isinstance(name, str) else None
+    if factory is None and isinstance(name, str) and "." in name:
+        factory = _import(name)
+    if factory is None:
         raise ValueError(f"Unknown optimizer: {name!r}; available: {', '.join(sorted(OPTIMIZERS))}")
     if "betas" in cfg:
         cfg["betas"] = tuple(cfg["betas"])
     try:
-        return OPTIMIZERS[name](params, **cfg)
+        return factory(params, **cfg)
     except TypeError as err:
         raise TypeError(f"Invalid argument for optimizer {name!r}: {err}") from err
+
+
+def _import(path: str) -> Callable[..., Optimizer]:
+    """The optimizer class or factory at import path `path` (``module.attribute``)."""
+    module, _, attribute = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"Unknown optimizer: {path!r}; not registered, and not importable ({err}); "
+            f"available: {', '.join(sorted(OPTIMIZERS))}"
+        ) from err

@@ -3,11 +3,11 @@ probe, logged under `stability/` with rate-limited console warnings.
 
 Per step (device tensors only, no host sync): the cosine between successive updates u_t and
 u_{t-1} (persistently negative = a two-step oscillation), the fraction of coordinates whose
-update changed sign, ||u_t|| / ||theta_{t-1}||, z-scores of the loss and the gradient norm over a
-rolling window (spikes), and VRAdam's eta_t / alpha_0 and ||m_t||. Every `sharpness.every`
-steps: lambda_max of the Hessian and of the preconditioned Hessian against the stability
-threshold (kinetic/stability/sharpness.py). The non-finite guard lives in
-kinetic/stability/guard.py.
+update changed sign, ||u_t|| / ||theta_{t-1}||, robust z-scores of the loss and the gradient norm
+against a rolling window (spikes; see `spike_z_scores`), and VRAdam's eta_t / alpha_0 and
+||m_t||. Every `sharpness.every` steps: lambda_max of the Hessian and of the preconditioned
+Hessian against the stability threshold (kinetic/stability/sharpness.py). The non-finite guard
+lives in kinetic/stability/guard.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from kinetic.stability.sharpness import preconditioner, sharpness
+from optim.protocol import VelocityGated
 
-__all__ = ["MonitorConfig", "MonitorSchema", "StabilityMonitor"]
+__all__ = ["MonitorConfig", "MonitorSchema", "StabilityMonitor", "spike_z_scores"]
 
 
 @dataclass
@@ -50,7 +51,13 @@ class MonitorSchema:
     every: int = 5  # update cosine, sign flips, update/weight on steps k-1 and k of every k
     # steps; loss / grad-norm spikes every step; 0 = no per-step signals
     window: int = 50  # steps in the rolling window of the loss / grad-norm spike z-scores
-    spike_z: float = 6.0  # z-score (standard deviations above the window mean) of a spike
+    # Robust z-score that counts as a spike: (s - median) / (1.4826 MAD) over the window, with
+    # s = asinh(x / eps) ~ log x (GFlowNet losses are heavy-tailed).
+    spike_z: float = 8.0
+    spike_steps: int = 2  # consecutive steps above spike_z that make a spike (1: any outlier)
+    # Noise floor eps: this share of the largest window median so far; changes below it do not
+    # count (a converged loss wandering near 1e-10 is quiet).
+    spike_floor: float = 1e-4
     oscillation_cos: float = -0.5  # window-mean update cosine below which the run oscillates
     oscillation_window: int = 20  # measured updates in that mean (persistent, not one step)
     warn_every: int = 100  # steps: at most one console warning per signal in this many steps
@@ -100,6 +107,8 @@ class MonitorConfig:
     every: int = MonitorSchema.every
     window: int = MonitorSchema.window
     spike_z: float = MonitorSchema.spike_z
+    spike_steps: int = MonitorSchema.spike_steps
+    spike_floor: float = MonitorSchema.spike_floor
     oscillation_cos: float = MonitorSchema.oscillation_cos
     oscillation_window: int = MonitorSchema.oscillation_window
     warn_every: int = MonitorSchema.warn_every
@@ -131,6 +140,10 @@ class MonitorConfig:
             every=_int("monitor.every", node.get("every", d.every), 0),
             window=_int("monitor.window", node.get("window", d.window), 2),
             spike_z=_float("monitor.spike_z", node.get("spike_z", d.spike_z), 0.0, math.inf),
+            spike_steps=_int("monitor.spike_steps", node.get("spike_steps", d.spike_steps), 1),
+            spike_floor=_float(
+                "monitor.spike_floor", node.get("spike_floor", d.spike_floor), 0.0, 1.0
+            ),
             oscillation_cos=_float(
                 "monitor.oscillation_cos", node.get("oscillation_cos", d.oscillation_cos), -1.0, 1.0
             ),
@@ -162,16 +175,52 @@ def velocity_scalars(optimizer: torch.optim.Optimizer, alpha0: float) -> dict[st
     """VRAdam's eta_t, eta_t / alpha_0 and ||m_t|| of the first group, as device tensors ({} for
     an optimizer without a velocity gate). `alpha0`: the group's lr of the step just taken,
     read before a schedule moved it."""
-    eta = getattr(optimizer, "last_lr_tensor", None)
-    sq = getattr(optimizer, "last_velocity_sq_norm", None)
-    if eta is None or sq is None:
+    if not isinstance(optimizer, VelocityGated) or optimizer.last_lr_tensor is None:
         return {}
+    eta, sq = optimizer.last_lr_tensor, optimizer.last_velocity_measure
     return {"eta": eta[0], "eta_ratio": eta[0] / alpha0, "velocity_norm": sq[0].sqrt()}
 
 
 def _sum_sq(tensors: list[Tensor]) -> Tensor:
     """sum ||x||^2 over a list of tensors (one foreach norm), a 0-d device tensor."""
     return torch.stack(torch._foreach_norm(tensors)).square().sum()
+
+
+# The step size below which the edge-of-stability threshold is not reported: this share of the
+# run's largest lr. VRAdam's gate alone shrinks eta_t at most 1 + lr_cutoff times (11 by default).
+NEGLIGIBLE_LR = 1e-3
+_MAD_TO_STD = 1.4826  # sigma = 1.4826 * MAD for a normal distribution
+# The smallest robust sigma on the log scale: without it a flat window (a deterministic loss,
+# or one pinned at the floor) would make any wiggle infinitely significant. With spike_z = 8,
+# a jump smaller than e^(8 * 0.1) = 2.2x is never a spike.
+_MIN_LOG_SIGMA = 0.1
+
+
+def spike_z_scores(
+    x: Tensor, window: int, last: int, floor: float, reference: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Robust z-scores of the `last` rows of `x` (m, C), each against the `window` rows before
+    it, on the scale s = asinh(x / eps); and the updated `reference` (C,).
+
+    z = (s_t - median(s)) / max(1.4826 * MAD(s), 0.1) over the window. For x >> eps, s is
+    log(2 x / eps): a log scale, on which the heavy-tailed losses of GFlowNets (a batch with one
+    rare trajectory can score 100x the median) have a steady spread, so z compares ratios, not
+    differences, and one outlier in the window does not inflate the scale as it inflates a
+    standard deviation. For |x| << eps, s is linear and flat: variations below the noise floor
+    eps = floor * reference (reference: the largest |window median| so far, per column) do not
+    count, so a converged loss wandering between 1e-12 and 1e-9 is quiet. asinh is defined for
+    zero and negative values too. Needs m >= window + last.
+    """
+    history = x.unfold(0, window, 1)[-last - 1 : -1]  # (last, C, window)
+    median = history.median(dim=2).values  # (last, C); the lower median, so asinh commutes
+    # A non-finite median (guard off) must not poison the reference for the rest of the run.
+    finite = median.abs().nan_to_num(nan=0.0, posinf=0.0)
+    reference = torch.maximum(reference, finite.cummax(dim=0).values)  # (last, C)
+    eps = (floor * reference).clamp_min(torch.finfo(x.dtype).tiny)  # (last, C)
+    center = torch.asinh(median / eps)  # (last, C)
+    mad = (torch.asinh(history / eps[..., None]) - center[..., None]).abs().median(dim=2).values
+    z = (torch.asinh(x[-last:] / eps) - center) / (_MAD_TO_STD * mad).clamp_min(_MIN_LOG_SIGMA)
+    return z, reference[-1]
 
 
 class StabilityMonitor:
@@ -213,8 +262,12 @@ class StabilityMonitor:
         self.one = torch.ones((), dtype=dtype, device=device)
         self.zero = torch.zeros((), dtype=dtype, device=device)
         self.alpha0: float | None = None  # the first group's lr of the last step
+        self.alpha0_max = 0.0  # the largest first-group lr so far (or the schedule's base)
+        self.spike_reference = torch.zeros(2, dtype=dtype, device=device)  # see spike_z_scores
         # The ring of raw rows: the current interval plus the look-back of both windows.
-        self.capacity = interval + cfg.window + cfg.oscillation_window * max(cfg.every, 1) + 1
+        self.capacity = (
+            interval + cfg.window + cfg.spike_steps + cfg.oscillation_window * max(cfg.every, 1)
+        )
         self.rows = torch.zeros(self.capacity, len(_COLUMNS), dtype=dtype, device=device)
         self.n_rows = 0  # rows written over the run
         self.n_reported = 0  # rows already summarised by `scalars()`
@@ -232,7 +285,9 @@ class StabilityMonitor:
     def before_step(self, step: int) -> None:
         """Remember the first group's base learning rate of this step (before a schedule moves
         it) and, on measured steps, theta_{t-1} (a device copy)."""
-        self.alpha0 = float(self.optimizer.param_groups[0]["lr"])
+        group = self.optimizer.param_groups[0]
+        self.alpha0 = float(group["lr"])
+        self.alpha0_max = max(self.alpha0_max, self.alpha0, float(group.get("initial_lr", 0.0)))
         if self.measures(step):
             torch._foreach_copy_(self.scratch, self.params)
 
@@ -276,11 +331,14 @@ class StabilityMonitor:
 
     def _interval_signals(self, new: int) -> Tensor:
         """From the ring: over the `new` rows since the last report, the mean update cosine,
-        the share of oscillating update pairs, and the largest loss and gradient-norm z-scores.
+        the share of oscillating update pairs, and the largest loss and gradient-norm spike
+        scores.
 
         A pair oscillates when the mean cosine of the last `oscillation_window` pairs ending at
-        it is below `oscillation_cos` (persistently negative, not one bad step); z-scores
-        compare a step with the `window` steps before it, from the first step with a full window.
+        it is below `oscillation_cos` (persistently negative, not one bad step). A step's spike
+        score is the smallest robust z-score (`spike_z_scores`, each step against the `window`
+        steps before it) of the `spike_steps` steps ending at it: a single outlying batch, which
+        heavy-tailed losses produce now and then, scores low; a loss that stays up scores high.
         Selecting the paired rows syncs with the host; this runs on logging steps only.
         """
         rows = self._chronological()  # (m, C)
@@ -298,14 +356,14 @@ class StabilityMonitor:
         if pair_cos.shape[0] >= w:
             below = pair_cos.unfold(0, w, 1).mean(dim=1) < self.cfg.oscillation_cos
             oscillating = (below & pair_recent[w - 1 :]).sum() / n_recent.clamp_min(1)
-        window = self.cfg.window
+        window, k = self.cfg.window, self.cfg.spike_steps
         z_max = torch.zeros(2, dtype=rows.dtype, device=rows.device)
-        scored = min(new, m - window)  # recent rows with `window` rows before them
+        scored = min(new, m - window - (k - 1))  # recent rows with a full window and k-1 before
         if scored > 0:
-            history = x.unfold(0, window, 1)[-scored - 1 : -1]  # (scored, 2, window)
-            std, mean = torch.std_mean(history, dim=2)  # (scored, 2)
-            z = (x[-scored:] - mean) / std.clamp_min(1e-30)
-            z_max = z.max(dim=0).values.clamp_min(0.0)
+            z, self.spike_reference = spike_z_scores(
+                x, window, scored + k - 1, self.cfg.spike_floor, self.spike_reference
+            )  # (scored + k - 1, 2)
+            z_max = z.unfold(0, k, 1).amin(dim=2).amax(dim=0).clamp_min(0.0)
         parts = [mean_cos, oscillating.to(rows.dtype), n_recent.to(rows.dtype)]
         return torch.cat([torch.stack(parts), z_max])
 
@@ -324,7 +382,8 @@ class StabilityMonitor:
         """The signals since the last call, as floats (one host sync).
 
         Over the interval: update_cos (mean), oscillating (share of update pairs, see
-        `_interval_signals`), loss_z and grad_norm_z (maxima); at the last measured step:
+        `_interval_signals`), loss_z and grad_norm_z (largest spike scores); at the last
+        measured step:
         sign_flip_frac and update_to_weight (||u_t|| / ||theta_t||), and VRAdam's eta_ratio
         (eta_t / alpha_0) and velocity_norm (||m_t||, first group). Call it right after
         `after_step` (the sign flips read the update buffers).
@@ -358,16 +417,18 @@ class StabilityMonitor:
         found: list[tuple[str, str]] = []
         if values.get("stability/oscillating", 0.0) > 0.0:
             found.append(("oscillation", (
-                f"oscillation: the mean cosine of the last {cfg.oscillation_window} successive "
-                f"updates is below monitor.oscillation_cos={cfg.oscillation_cos:g} "
-                f"(interval mean {values['stability/update_cos']:.3f})"
+                f"oscillation: the mean cosine of {cfg.oscillation_window} successive updates "
+                f"fell below monitor.oscillation_cos={cfg.oscillation_cos:g} for "
+                f"{values['stability/oscillating']:.0%} of this interval's update pairs "
+                f"(their mean cosine: {values['stability/update_cos']:.3f})"
             )))  # fmt: skip
+        steps = "1 step" if cfg.spike_steps == 1 else f"{cfg.spike_steps} steps in a row"
         for key, what in (("loss_z", "loss"), ("grad_norm_z", "gradient norm")):
             z = values.get(f"stability/{key}", 0.0)
             if z > cfg.spike_z:
                 found.append((key, (
-                    f"{what} spike: z = {z:.1f} against the last {cfg.window} steps "
-                    f"(monitor.spike_z={cfg.spike_z:g})"
+                    f"{what} spike: robust z >= {z:.1f} (log scale) for {steps} against the "
+                    f"last {cfg.window} steps (monitor.spike_z={cfg.spike_z:g})"
                 )))  # fmt: skip
         ratio = values.get("stability/eos_ratio", 0.0)
         if ratio > 1.0:
@@ -390,18 +451,24 @@ class StabilityMonitor:
         return every > 0 and step % every == 0
 
     def probe(self, loss_fn: Callable[[], Tensor]) -> dict[str, float]:
-        """lambda_max of H and of the optimizer's preconditioned H, and their ratio to the
-        threshold (host floats; this syncs, and costs 2 * sharpness.iters Hessian-vector
-        products). `loss_fn` builds a fresh loss graph at the current parameters."""
+        """lambda_max of H and of the optimizer's preconditioned H, and the latter's ratio to
+        the stability threshold (host floats; this syncs, and costs 2 * sharpness.iters
+        Hessian-vector products). `loss_fn` builds a fresh loss graph at the current parameters.
+
+        The threshold c / eta and the ratio are left out (not applicable) while the step size
+        eta is negligible (`NEGLIGIBLE_LR` of the run's largest lr, e.g. the end of a cosine
+        schedule): the threshold grows without bound there and says nothing about the run.
+        """
         pre = preconditioner(self.optimizer)
         self.probe_seed += 1
         top, top_pre = sharpness(
             loss_fn, self.params, self.cfg.sharpness_iters, seed=self.probe_seed, precond=pre
         )
-        threshold = pre.constant / pre.eta0 if pre.eta0 > 0 else math.inf
-        return {
-            "stability/sharpness": top,
-            "stability/precond_sharpness": top_pre,
-            "stability/eos_threshold": threshold,
-            "stability/eos_ratio": top_pre / threshold,
-        }
+        values = {"stability/sharpness": top, "stability/precond_sharpness": top_pre}
+        if pre.eta0 > NEGLIGIBLE_LR * self.alpha0_max:
+            threshold = pre.constant / pre.eta0
+            values |= {
+                "stability/eos_threshold": threshold,
+                "stability/eos_ratio": top_pre / threshold,
+            }
+        return values

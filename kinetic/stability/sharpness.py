@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from optim.protocol import AdaptiveMomentum, VelocityGated
+
 __all__ = [
     "Preconditioner",
     "power_iteration",
@@ -143,7 +145,7 @@ def stability_constant(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
     """
     group = optimizer.param_groups[0]
     states = [optimizer.state.get(p, {}) for p in group["params"]]
-    adaptive_beta = getattr(optimizer, "last_momentum", None)
+    adaptive_beta = optimizer.last_momentum if isinstance(optimizer, AdaptiveMomentum) else None
     beta = None if adaptive_beta is None else float(adaptive_beta[0])  # one sync; probes are rare
     if ("betas" in group or "beta2" in group) and any("exp_avg_sq" in s for s in states):
         beta1 = group["betas"][0] if "betas" in group else (beta or 0.0)
@@ -156,7 +158,7 @@ def stability_constant(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
 
 def _group_etas(optimizer: torch.optim.Optimizer) -> list[float]:
     """Each group's step size: VRAdam's eta_t (`last_lr_tensor`) where it exists, else lr."""
-    eta_t = getattr(optimizer, "last_lr_tensor", None)
+    eta_t = optimizer.last_lr_tensor if isinstance(optimizer, VelocityGated) else None
     if eta_t is not None and eta_t.numel() == len(optimizer.param_groups):
         return [float(x) for x in eta_t.tolist()]  # one sync; probes are rare
     return [float(group["lr"]) for group in optimizer.param_groups]
