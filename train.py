@@ -45,9 +45,11 @@ from kinetic import (
     train,
 )
 from kinetic.checkpoint import check_run_dir, run_identity, start_run_dir
+from kinetic.device import resolve_device
 from kinetic.errors import EXIT_DIVERGED, EXIT_USER_ERROR, ConfigError, refused_arguments
 from kinetic.interrupt import RunInterrupted, StopRequest, resume_command
 from kinetic.logging import config_hparams
+from kinetic.precision import Precision
 from kinetic.resume import find_resume_checkpoint
 from kinetic.stability.guard import NonFiniteError
 from kinetic.validate import validate_config
@@ -80,11 +82,13 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     """
     # 1. Refuse bad values, a run directory holding another run, a missing or foreign checkpoint.
     validate_config(cfg)
+    with refused_arguments(""):  # an unavailable device or unknown precision: one line
+        precision = Precision(cfg.precision, resolve_device(cfg.device))
     train_config = TrainConfig(**cfg.train).validate()
     with refused_arguments(""):
         monitor = MonitorConfig.from_dict(cfg.monitor)
     # Under torchrun: join the process group; rank 0's run directory is the run's.
-    distributed.init_from_env(cfg.get("device", "cpu"))
+    distributed.init_from_env(cfg.device)
     distributed.silence_other_ranks()
     main_process = distributed.is_main_process()
     if distributed.is_distributed() and cfg.resume is not None:
@@ -141,6 +145,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
                 task, optimizer, train_config, monitor=monitor, logger=logger,
                 log_images=cfg.logging.images, run_config=resolved,
                 resume=None if found is None else found[1], identity=identity, stop=stop,
+                precision=precision,
             )  # fmt: skip
     finally:
         if main_process:

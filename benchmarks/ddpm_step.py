@@ -3,22 +3,28 @@
 
 The plain loop follows diffusers' `examples/unconditional_image_generation/train_unconditional.py`
 (add_noise, ε-MSE, backward, clip_grad_norm_ to 1, AdamW step, lr_scheduler step, zero_grad,
-EMAModel step with its defaults) on the same UNet (configs/model/unet.yaml), the same batch size
-and the same digits. kinetic's step is the real thing: `kinetic.train` on `DDPMTask`, timed
-between successive calls of a loop callback, so it includes everything the loop does per step
-(gradient norm, clipping, monitors, schedule, EMA) except the logging and evaluation steps.
-Variants run in interleaved rounds so drift in the machine's speed hits all of them alike.
+EMAModel step) in fp32, the recipe's default precision, on the same UNet
+(configs/model/unet.yaml), the same batch size and the same digits. Both loops use the same EMA
+implementation (`EMAModel(..., foreach=True)`, as `DDPMTask` does). kinetic's step is the real
+thing: `kinetic.train` on `DDPMTask`, timed between successive calls of a loop callback, so it
+includes everything the loop does per step (gradient norm, guard, clipping, monitors, schedule,
+EMA) except the logging and evaluation steps. kinetic runs with AdamW and with VRAdam in fp32,
+and with VRAdam in bf16 autocast (`precision=bf16`), the fastest setting on a CPU with
+AVX512-BF16 (benchmarks/compile_speed.py). Variants run in interleaved rounds so drift in the
+machine's speed hits all of them alike.
 
     python benchmarks/ddpm_step.py                     # 1 and 2 threads
     python benchmarks/ddpm_step.py --threads 2 --rounds 5 --steps 40
 
-Prints median steps/s per variant and the ratio against the plain loop measured in the same run.
+Prints the median and the mean ms/step of each variant and their ratios against the plain loop
+measured in the same run (the monitors run on some steps only, so the two can differ).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import tempfile
@@ -59,7 +65,10 @@ def compose_cfg(optim: str, steps: int, cache_dir: str, extra: list[str]):
 class KineticRunner:
     """kinetic.train on a DDPMTask; each `run()` is one call of the loop, timed per step."""
 
-    def __init__(self, optim: str, steps: int, workdir: Path, extra: list[str]) -> None:
+    def __init__(
+        self, optim: str, steps: int, workdir: Path, extra: list[str], precision: str = "fp32"
+    ) -> None:
+        self.precision = precision
         torch.manual_seed(0)
         self.cfg = compose_cfg(optim, steps, str(workdir / "cache"), extra)
         self.task = DDPMTask.from_config(self.cfg, workdir / optim)
@@ -72,7 +81,7 @@ class KineticRunner:
         stamps: list[float] = []
         train(
             self.task, self.optimizer, self.config, monitor=self.monitor,
-            callbacks=[lambda step: stamps.append(time.perf_counter())],
+            callbacks=[lambda step: stamps.append(time.perf_counter())], precision=self.precision,
         )  # fmt: skip
         # Step k's time runs from the end of step k-1 to the end of step k; the last step logs.
         deltas = [b - a for a, b in itertools.pairwise(stamps)]
@@ -93,7 +102,7 @@ class PlainRunner:
         ema = cfg.task.ema
         self.ema = EMAModel(
             self.model.parameters(), decay=ema.decay, use_ema_warmup=ema.use_ema_warmup,
-            inv_gamma=ema.inv_gamma, power=ema.power,
+            inv_gamma=ema.inv_gamma, power=ema.power, foreach=True,
         )  # fmt: skip
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr)
         self.lr_scheduler = get_scheduler(
@@ -123,8 +132,8 @@ class PlainRunner:
         return deltas[1:]  # as for kinetic: the first step of a round is not counted
 
 
-def bench(threads: int, rounds: int, steps: int, extra: list[str]) -> dict[str, float]:
-    """Median seconds per step of each variant at `threads` intra-op threads."""
+def bench(threads: int, rounds: int, steps: int, extra: list[str]) -> dict[str, list[float]]:
+    """Seconds per step of each variant at `threads` intra-op threads, every timed step."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -132,6 +141,7 @@ def bench(threads: int, rounds: int, steps: int, extra: list[str]) -> dict[str, 
             BASELINE: PlainRunner(steps, workdir, extra),
             "kinetic-adamw": KineticRunner("adamw", steps, workdir, extra),
             "kinetic-vradam": KineticRunner("vradam", steps, workdir, extra),
+            "kinetic-vradam-bf16": KineticRunner("vradam", steps, workdir, extra, "bf16"),
         }
         for runner in runners.values():  # warm-up round (allocations, optimizer state)
             runner.run()
@@ -139,7 +149,7 @@ def bench(threads: int, rounds: int, steps: int, extra: list[str]) -> dict[str, 
         for _ in range(rounds):
             for name, runner in runners.items():
                 samples[name] += runner.run()
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return samples
 
 
 def main() -> None:
@@ -149,19 +159,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="steps per round and variant")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. task.batch_size=64")
     args = parser.parse_args()
-    print(f"DDPM train step, default task=ddpm config {args.overrides}, CPU, medians over "
-          f"{args.rounds} rounds x {args.steps} steps")  # fmt: skip
-    print(f"{'threads':>7}  {'variant':<15} {'ms/step':>8} {'steps/s':>8} {'vs ' + BASELINE:>16}")
+    load = os.getloadavg()[0]
+    print(f"DDPM train step, default task=ddpm config {args.overrides}, CPU, "
+          f"{args.rounds} rounds x {args.steps} steps, load average {load:.2f}")  # fmt: skip
+    print(f"{'threads':>7}  {'variant':<20} {'median ms':>9} {'mean ms':>8} "
+          f"{'median vs ' + BASELINE:>22} {'mean vs ' + BASELINE:>20}")  # fmt: skip
     for threads in args.threads:
-        medians = bench(threads, args.rounds, args.steps, args.overrides)
-        base = medians[BASELINE]
-        for name, seconds in medians.items():
+        samples = bench(threads, args.rounds, args.steps, args.overrides)
+        medians = {name: statistics.median(times) for name, times in samples.items()}
+        means = {name: statistics.fmean(times) for name, times in samples.items()}
+        for name in samples:
             print(
-                f"{threads:>7}  {name:<15} {seconds * 1e3:>8.1f} {1 / seconds:>8.2f} "
-                f"{base / seconds:>15.3f}x"
+                f"{threads:>7}  {name:<20} {medians[name] * 1e3:>9.1f} {means[name] * 1e3:>8.1f} "
+                f"{medians[BASELINE] / medians[name]:>21.3f}x "
+                f"{means[BASELINE] / means[name]:>19.3f}x"
             )
         overhead = (medians["kinetic-vradam"] - medians["kinetic-adamw"]) / medians["kinetic-adamw"]
-        print(f"{threads:>7}  VRAdam over AdamW in kinetic: {overhead:+.1%} of a step")
+        print(f"{threads:>7}  VRAdam over AdamW in kinetic (medians): {overhead:+.1%} of a step")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ an index draw from a seeded generator: no DataLoader, no worker processes, no ho
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,15 @@ class ImageData:
     labels: Tensor | None = None
     heldout_a: Tensor | None = None
     heldout_b: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> ImageData:
+        """A copy with every tensor on `device` (the training images are read from there)."""
+        moved = {
+            f.name: v.to(device) if isinstance(v, Tensor) else v
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return ImageData(**moved)
 
 
 def resize_center_crop(images: Tensor, resolution: int) -> Tensor:
@@ -106,17 +115,19 @@ def load_image_folder(path: str | Path, resolution: int, channels: int) -> Tenso
     return torch.cat(images).clamp(0.0, 1.0) * 2.0 - 1.0
 
 
-def build_dataset(cfg: DictConfig, seed: int) -> ImageData:
-    """The dataset of `cfg.data` (`name`: digits | folder), brought to `cfg.data.resolution`."""
+def build_dataset(cfg: DictConfig, seed: int, device: torch.device | str = "cpu") -> ImageData:
+    """The dataset of `cfg.data` (`name`: digits | folder), brought to `cfg.data.resolution`
+    and put on `device` (read and resized on the CPU, then moved once)."""
     name = cfg.name
     if name == "digits":
         train, labels, heldout_a, heldout_b = load_digits_split(cfg.heldout_size, seed)
         resized = resize_center_crop(train, cfg.resolution)
-        return ImageData(name, resized, train, labels, heldout_a, heldout_b)
+        return ImageData(name, resized, train, labels, heldout_a, heldout_b).to(device)
     if name == "folder":
         if cfg.path is None:
             raise ConfigError("data=folder needs data.path=DIR (a folder of PNG/JPEG images)")
-        return ImageData(name, load_image_folder(cfg.path, cfg.resolution, cfg.channels))
+        images = load_image_folder(cfg.path, cfg.resolution, cfg.channels)
+        return ImageData(name, images).to(device)
     raise ConfigError(f"Unknown data.name: {name!r}; available: {', '.join(DATASETS)}")
 
 

@@ -108,20 +108,34 @@ class DigitQuality:
     `reference` and `baseline` are two disjoint held-out sets of the same size; their FD
     (`fd_real`, the real-vs-real floor) is computed once here, at construction. Compare samples
     of that same size: FD is biased upwards at small sample counts.
+
+    The classifier runs on `device` (the run's; default: where `reference` lives), so samples
+    are scored where they were drawn. The Fréchet distance itself is taken on the CPU in
+    float64: 64x64 eigendecompositions cost microseconds there and need float64, which many
+    GPUs run slowly. The classifier is always trained on the CPU (`cached_classifier`), so
+    the metrics of a run do not depend on the device it trained on.
     """
 
-    def __init__(self, classifier: DigitClassifier, reference: Tensor, baseline: Tensor) -> None:
+    def __init__(
+        self,
+        classifier: DigitClassifier,
+        reference: Tensor,
+        baseline: Tensor,
+        device: torch.device | str | None = None,
+    ) -> None:
         if reference.shape != baseline.shape:
             shapes = f"{tuple(reference.shape)} vs {tuple(baseline.shape)}"
             raise ValueError(f"Held-out sets differ in shape: {shapes}")
-        self.classifier = classifier
+        self.device = reference.device if device is None else torch.device(device)
+        self.classifier = classifier.to(self.device)
         self.n_reference = reference.shape[0]
-        self.reference_features = self._features(reference)
-        self.fd_real = frechet_distance(self.reference_features, self._features(baseline))
+        self.reference_features = self._features(reference).cpu()  # (M, 64)
+        self.fd_real = frechet_distance(self.reference_features, self._features(baseline).cpu())
 
     @torch.no_grad()
     def _features(self, images: Tensor) -> Tensor:
-        return self.classifier.features(images.float().cpu())
+        """Classifier features of `images` (N, 1, 8, 8), on the classifier's device."""
+        return self.classifier.features(images.to(self.device, torch.float32))
 
     @torch.no_grad()
     def __call__(self, samples: Tensor) -> dict[str, float]:
@@ -135,9 +149,10 @@ class DigitQuality:
                 f"Expected {self.n_reference} samples (the held-out set's size), "
                 f"got {samples.shape[0]}"
             )
-        samples = resize_center_crop(samples.float().cpu(), 8)
-        features = self._features(samples)
-        probs = self.classifier.head(features).softmax(dim=1)  # (N, 10)
+        samples = resize_center_crop(samples.to(self.device, torch.float32), 8)
+        features = self._features(samples)  # (N, 64)
+        probs = self.classifier.head(features).softmax(dim=1).cpu()  # (N, 10)
+        features = features.cpu()
         histogram = torch.bincount(probs.argmax(1), minlength=N_CLASSES).double() / len(probs)
         entropy = -(histogram * histogram.clamp(min=1e-30).log()).sum()
         fd = frechet_distance(features, self.reference_features)

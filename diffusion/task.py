@@ -23,6 +23,7 @@ from diffusion.sampling import build_sampler, image_grid, sample_images, save_gr
 from kinetic import distributed
 from kinetic.checkpoint import check_state_shapes
 from kinetic.config import TrainConfig
+from kinetic.device import resolve_device
 from kinetic.task import Task
 
 # diffusers get_scheduler names that need only warm-up and total steps.
@@ -95,6 +96,10 @@ class DDPMTask(Task):
         run_dir: where samples/step_XXXXXX.png grids are saved; None: not saved.
         seed: seeds the training stream (rank r of a distributed run:
             `distributed.rank_seed(seed, r)`) and (seed + 1) the evaluation samples.
+        compile: train through `torch.compile` of the UNet, in channels_last memory format
+            (sampling stays eager: its batch sizes differ from training's).
+
+    The run's device is the data's: `model` (and `ema`, `quality`) must live there too.
     """
 
     items_name = "images"
@@ -116,11 +121,18 @@ class DDPMTask(Task):
         quality: DigitQuality | None = None,
         run_dir: str | Path | None = None,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.data = data
         images = self.data.train
         self.model = model
+        self.channels_last = compile
+        if compile:
+            model.to(memory_format=torch.channels_last)  # in place, parameters stay themselves
+            # The loss's forward pass goes through the compiled handle of the same module (one
+            # state dict, one EMA); the loop wraps it in DDP under torchrun.
+            self.train_model = torch.compile(model)
         self.noise_scheduler = noise_scheduler
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(images.device)
         if ema is None:
@@ -153,9 +165,10 @@ class DDPMTask(Task):
         (ddpm), `train` (its lr schedule is diffusers') and `seed`."""
         check_lr_schedule(cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.steps)
         tc = cfg.task
-        data = build_dataset(cfg.data, cfg.seed)
+        device = resolve_device(cfg.get("device", "auto"))
+        data = build_dataset(cfg.data, cfg.seed, device)
         channels, resolution = data.train.shape[1], data.train.shape[-1]
-        model = build_unet(cfg.model, channels, resolution)
+        model = build_unet(cfg.model, channels, resolution).to(device)
         noise_scheduler = build_noise_scheduler(tc)
         ema = EMAModel(
             model.parameters(), decay=tc.ema.decay, use_ema_warmup=tc.ema.use_ema_warmup,
@@ -166,12 +179,12 @@ class DDPMTask(Task):
         quality = None
         if data.name == "digits" and tc.quality and distributed.is_main_process():  # evaluates
             classifier = cached_classifier(tc.cache_dir, data.labeled, data.labels, cfg.seed)
-            quality = DigitQuality(classifier, data.heldout_a, data.heldout_b)
+            quality = DigitQuality(classifier, data.heldout_a, data.heldout_b, device)
         return cls(
             data, model, noise_scheduler, batch_size=tc.batch_size, ema=ema,
             sampler=tc.sampling.scheduler, sampling_steps=tc.sampling.steps,
             grid_samples=tc.sampling.grid_samples, quality=quality, run_dir=run_dir,
-            seed=cfg.seed,
+            seed=cfg.seed, compile=cfg.get("compile", False),
         )  # fmt: skip
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -199,8 +212,11 @@ class DDPMTask(Task):
         # Forward process (Ho et al., eq. 4): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) ε.
         abar = self.alphas_cumprod[t].view(batch, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        prediction = self.train_model(x_t, t).sample  # DDP in a distributed run
-        return F.mse_loss(prediction, noise), {}
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        # bf16 or fp16 under autocast; DDP (and the compiled UNet) through train_model.
+        prediction = self.train_model(x_t, t).sample
+        return F.mse_loss(prediction.float(), noise), {}
 
     def after_step(self, step: int) -> None:
         self.ema.step(self.model.parameters())

@@ -3,6 +3,14 @@
 An environment author writes only the physics (`step`, `backward_step`, masks, `log_reward`,
 `featurize`); samplers, losses and evaluation are the framework's. Every method takes and
 returns whole batches; nothing loops over trajectories in Python.
+
+Devices: an environment lives where its tensors live. The trainer calls ``env.to(device)`` once,
+before training, with the run's device; the default `Env.to` moves every tensor attribute
+(``s0``, reward tables, targets, also inside lists, tuples and dicts) and sets ``env.device``.
+Methods then create any new tensor on their input's device (``device=states.device``,
+``torch.zeros_like``, ``states.new_zeros``), never on the default (CPU) device, so the same
+class runs on the CPU and on a GPU. An environment written for the CPU alone keeps working on
+the CPU (``device=cpu``); `envs.checker.check_devices` names any method that leaves the device.
 """
 
 from __future__ import annotations
@@ -14,6 +22,26 @@ import torch
 from torch import Tensor
 
 __all__ = ["Env"]
+
+
+def _to_device(value: object, device: torch.device) -> object:
+    """`value` with every tensor in it on `device`: tensors and modules moved, lists, tuples
+    (named ones too) and dicts rebuilt around moved tensors; anything else is returned as is."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, torch.nn.Module):  # e.g. a learned reward model, moved in place
+        return value.to(device)
+    if isinstance(value, dict):
+        items = {k: _to_device(v, device) for k, v in value.items()}
+        return value if all(items[k] is v for k, v in value.items()) else items
+    if isinstance(value, (list, tuple)):
+        items = [_to_device(v, device) for v in value]
+        if all(m is v for m, v in zip(items, value, strict=True)):
+            return value
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
 
 
 class Env(ABC):
@@ -39,6 +67,22 @@ class Env(ABC):
     state_dtype: torch.dtype
     s0: Tensor
     max_steps: int
+
+    def to(self, device: torch.device | str) -> Env:
+        """Move the environment to `device` in place and return it (as `torch.nn.Module.to`).
+
+        Moves every tensor attribute, also inside lists, tuples and dicts, every module
+        attribute (in place), and sets
+        ``self.device``. Override it (calling ``super().to(device)``) only to move state the
+        default cannot see, e.g. a tensor held inside another object.
+        """
+        device = torch.device(device)
+        for name, value in list(vars(self).items()):
+            moved = _to_device(value, device)
+            if moved is not value:
+                setattr(self, name, moved)
+        self.device = device
+        return self
 
     @property
     def n_backward_actions(self) -> int:

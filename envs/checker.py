@@ -28,6 +28,7 @@ __all__ = [
     "check_attributes",
     "check_backward_step",
     "check_backward_walks",
+    "check_devices",
     "check_enumerate_terminals",
     "check_env",
     "check_featurize",
@@ -609,6 +610,37 @@ def check_featurize(env: Env, states: Tensor) -> list[str]:
     return problems
 
 
+def check_devices(env: Env, rollouts: Rollouts) -> list[str]:
+    """Every method returns its tensors on the device of the states it was given (the trainer
+    moves an environment with ``env.to(device)``; methods must follow their input there)."""
+    device = rollouts.states.device
+    calls = {
+        "forward_mask(states)": lambda: env.forward_mask(rollouts.states.clone()),
+        "backward_mask(states)": lambda: env.backward_mask(rollouts.states.clone()),
+        "step(states, actions)": lambda: env.step(rollouts.parents.clone(), rollouts.actions),
+        "backward_step(states, actions)": lambda: env.backward_step(
+            rollouts.children.clone(), rollouts.actions
+        ),
+        "log_reward(states)": lambda: env.log_reward(rollouts.terminals.clone()),
+        "featurize(states)": lambda: env.featurize(rollouts.states.clone()),
+    }
+    problems = []
+    for call, method in calls.items():
+        out = method()
+        tensors = [out] if isinstance(out, Tensor) else []
+        if _is_graph_batch(out):
+            tensors = [t for t in (out.x, out.edge_index) if isinstance(t, Tensor)]
+        wrong = next((t.device for t in tensors if t.device != device), None)
+        if wrong is not None:
+            problems.append(
+                f"{call} returned a tensor on {wrong} for states on {device}; expected it on "
+                "the states' device. Create new tensors there, e.g. torch.zeros(n, "
+                "device=states.device) or torch.zeros_like(states); tensors set in __init__ "
+                "follow env.to(device)."
+            )
+    return problems
+
+
 def check_enumerate_terminals(env: Env, terminals: Tensor, rollouts: Rollouts) -> list[str]:
     """`terminals`, what ``enumerate_terminals()`` returned, lists each terminal state once,
     ``(N, *state_shape)`` in `state_dtype`, with stop legal at each, and includes every state
@@ -621,6 +653,13 @@ def check_enumerate_terminals(env: Env, terminals: Tensor, rollouts: Rollouts) -
         return [f"{call} returned shape {tuple(terminals.shape)}; expected {shape}."]
     if terminals.dtype != env.state_dtype:
         return [f"{call} returned dtype {terminals.dtype}; expected state_dtype {env.state_dtype}."]
+    device = rollouts.states.device
+    if terminals.device != device:
+        return [
+            f"{call} returned a tensor on {terminals.device} for an environment on {device}; "
+            "expected it on the environment's device. Create it there, e.g. "
+            "torch.arange(n, device=self.s0.device)."
+        ]
     n = terminals.shape[0]
     if n == 0:
         return [f"{call} returned no states; expected every terminal state."]
@@ -670,7 +709,8 @@ def check_env(env: Env, n_trajectories: int = 64, seed: int = 0) -> None:
     `PROBE_SIZE` copies of s0, then runs `n_trajectories` seeded random rollouts
     (`random_rollouts`) and checks on them: legal actions, `max_steps`, that no method writes
     into its input, that `backward_step` and `backward_mask` undo `step`, backward walks to
-    s0, `log_reward`, `featurize` and, if implemented, `enumerate_terminals`. It stops early
+    s0, `log_reward`, `featurize`, that every output stays on the states' device and, if
+    implemented, `enumerate_terminals`. It stops early
     only where later checks cannot run. Cheap: about 10 ms for an 8x8 HyperGrid.
 
     Raises:
@@ -704,6 +744,9 @@ def check_env(env: Env, n_trajectories: int = 64, seed: int = 0) -> None:
     problems = [*s0_parents]
     rollouts = random_rollouts(env, n_trajectories, torch.Generator().manual_seed(seed))
     problems += rollouts.problems
+    devices = check_devices(env, rollouts)
+    if devices:  # the checks below compare outputs across methods, so they need one device
+        raise EnvCheckError(name, problems + devices)
     problems += check_legal_actions(env, rollouts)
     problems += check_max_steps(env, rollouts)
     problems += check_inputs_unchanged(env, rollouts)

@@ -123,6 +123,7 @@ class GraphBuilding(Env):
         self._slots = torch.arange(n, device=self.device)
         self._edge_ids = torch.arange(m, device=self.device)
         self._valence = torch.tensor(valences, dtype=torch.long, device=self.device)
+        self._type_ids = torch.arange(n_node_types, device=self.device)  # (T,)
 
     def __repr__(self) -> str:
         return (
@@ -179,8 +180,7 @@ class GraphBuilding(Env):
         last = (self.n_nodes(states) - 1).clamp(min=0).unsqueeze(1)  # (B, 1)
         last_type = types.gather(1, last)  # (B, 1), −1 at s0
         last_isolated = self.degrees(states).gather(1, last) == 0  # (B, 1)
-        type_ids = self._valence.new_tensor(range(self.n_node_types))  # (T,)
-        remove_node = (last_type == type_ids) & last_isolated  # (B, T)
+        remove_node = (last_type == self._type_ids) & last_isolated  # (B, T)
         return torch.cat([remove_node, edges == 1], dim=1)
 
     def step(self, states: Tensor, actions: Tensor) -> Tensor:
@@ -288,10 +288,9 @@ class GraphBuilding(Env):
         """An isomorphism invariant of each graph, long ``(B,)``: type counts, edge count and
         triangle count as one mixed-radix number (isomorphic graphs share it)."""
         types, edges = self.split(states)
-        type_ids = self._valence.new_tensor(range(self.n_node_types))  # (T,)
-        counts = (types.unsqueeze(2) == type_ids).sum(dim=1)  # (B, T), each ≤ N
+        counts = (types.unsqueeze(2) == self._type_ids).sum(dim=1)  # (B, T), each ≤ N
         radix_n = self.max_nodes + 1
-        code = (counts * radix_n ** torch.arange(self.n_node_types, device=self.device)).sum(1)
+        code = (counts * radix_n ** torch.arange(self.n_node_types, device=states.device)).sum(1)
         code = code * (self.n_edges_max + 1) + edges.sum(dim=1)
         n_triangle_max = math.comb(self.max_nodes, 3)
         return code * (n_triangle_max + 1) + self.n_triangles(states)

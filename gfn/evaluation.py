@@ -18,6 +18,13 @@ Conventions (stated once, used everywhere):
 The DAG (states in topological order, edges as index tensors) is built once per environment
 object by a batched breadth-first search and cached, so repeated evaluation re-runs only the
 policy and one vectorized mass push per DAG level. Environments are treated as immutable.
+
+Where it runs: on the environment's device, the run's. The policy pass over every state of the
+DAG (in chunks of `DEFAULT_BATCH_SIZE`) is the whole cost of an evaluation and is what a GPU does
+best; the DAG's keys must live there anyway, since training marks visited terminal states with
+`terminal_index` on the device without a host sync. Building the DAG syncs once per BFS level,
+once per run. The mass push is float64 (probabilities of ~1e-6 states summed over ~1e5 edges),
+one scatter per level: a few kernels, cheap even on GPUs with slow float64.
 """
 
 from __future__ import annotations

@@ -143,6 +143,9 @@ def state_dag(env: Env, max_states: int = DEFAULT_MAX_STATES) -> StateDAG:
     """The reachable-state DAG of `env`, built on first use and cached per env object.
 
     `max_states` bounds the search on the first call only; later calls return the cache.
+    The DAG lives on the environment's device (``env.s0.device``), where the sampled states
+    are matched against it (`terminal_index`) without a host sync; an environment moved with
+    ``env.to(device)`` gets its DAG rebuilt there on the next call.
 
     Raises:
         NotImplementedError: `env` does not implement ``enumerate_terminals``.
@@ -151,6 +154,8 @@ def state_dag(env: Env, max_states: int = DEFAULT_MAX_STATES) -> StateDAG:
     """
     _require_enumerable(env)
     entry = _cache_entry(env)
+    if entry.dag is not None and entry.dag.states.device != env.s0.device:  # env.to(device)
+        entry.dag, entry.true, entry.mode_totals = None, None, None
     if entry.dag is None:
         for seed in _HASH_SEEDS:
             try:

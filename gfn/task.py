@@ -31,6 +31,7 @@ from gfn.scores import implied_log_z
 from gfn.state_dag import has_modes, implements, is_enumerable
 from kinetic import distributed
 from kinetic.checkpoint import CheckpointError, check_state_shapes
+from kinetic.device import resolve_device
 from kinetic.errors import ConfigError, call_with_config
 from kinetic.task import Task
 
@@ -171,12 +172,17 @@ class GFlowNetTask(Task):
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> GFlowNetTask:
-        """The task of a composed config: `env`, `model`, `loss`, `task` (gfn) and `seed`."""
+        """The task of a composed config: `env`, `model`, `loss`, `task` (gfn) and `seed`; the
+        environment, the model and the replay buffer on `device`, the policy compiled with
+        `compile` (dynamic shapes: the sampler calls it on a different batch at every step)."""
         tc = cfg.task
-        env = build_env(cfg)
+        device = resolve_device(cfg.get("device", "auto"))
+        env = build_env(cfg).to(device)
         if tc.check_env:  # a few random rollouts: tells an env author what is wrong, in words
             check_env(env, seed=cfg.seed)
-        model = GFlowNet(build_policy(cfg, env), log_z_init=tc.log_z_init)
+        model = GFlowNet(build_policy(cfg, env), log_z_init=tc.log_z_init).to(device)
+        if cfg.get("compile", False):
+            model.policy.compile(dynamic=True)  # in place: the state dict keeps its keys
         replay = None
         if tc.replay.capacity > 0 and tc.replay.fraction > 0:
             # One buffer per rank, of the rank's share of the capacity (see docs/distributed.md).

@@ -2,8 +2,10 @@
 
 from kinetic.checkpoint import load_checkpoint, save_checkpoint
 from kinetic.config import LoggingConfig, TrainConfig
+from kinetic.device import resolve_device
 from kinetic.logging import RunLogger
 from kinetic.loop import NullLogger, train
+from kinetic.precision import Precision
 from kinetic.stability.monitors import MonitorConfig
 from kinetic.task import TASKS, Task, build_task, register_task
 
@@ -12,12 +14,14 @@ __all__ = [
     "LoggingConfig",
     "MonitorConfig",
     "NullLogger",
+    "Precision",
     "RunLogger",
     "Task",
     "TrainConfig",
     "build_task",
     "load_checkpoint",
     "register_task",
+    "resolve_device",
     "save_checkpoint",
     "train",
 ]

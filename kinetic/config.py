@@ -179,6 +179,9 @@ class KineticConfig:
     resume: str | None = None  # auto (the run directory's latest checkpoint) or a checkpoint path
     overwrite: bool = False  # replace the run that the run directory already holds
     debug: bool = False  # a refused input shows its full traceback too
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass and loss
+    compile: bool = False  # torch.compile the policy / the UNet (with channels_last)
 
 
 # Task schemas by task name; `register_schemas` stores them as `schema/task/<name>`.

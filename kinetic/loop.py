@@ -6,6 +6,14 @@ step -> schedule -> monitors -> log -> evaluate -> callbacks -> checkpoint. With
 directory, a checkpoint holds everything the next step depends on (kinetic/resume.py), is written
 every `checkpoint_every` steps, after the last step, when the guard stops a run and when a
 `StopRequest` (SIGTERM/Ctrl-C) asks for one; `resume=` continues from one exactly.
+
+The run lives on the device of the task's model; `precision` (kinetic/precision.py) puts the
+batch and loss phase under autocast and, for fp16, scales the loss. Host syncs in a step, the
+only ones (on CUDA each stalls the device until its queue drains): the guard's one finite check;
+the task's own (a GFlowNet sampler's per-step exit check and its count of visited states);
+every `log_every` steps the logged scalars; the sharpness probe when due; in fp16 without
+the guard, `GradScaler.step`'s overflow check; under torchrun, one check after step 1 that the
+ranks hold the same parameters. `benchmarks/gpu_check.py` checks this list on a GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from kinetic.checkpoint import Checkpoints
 from kinetic.config import TrainConfig
 from kinetic.interrupt import RunInterrupted, StopRequest
 from kinetic.logging import RunLogger
+from kinetic.precision import Precision
 from kinetic.resume import capture_training_state, restore_training_state
 from kinetic.stability.guard import NonFiniteError, NonFiniteGuard
 from kinetic.stability.monitors import MonitorConfig, StabilityMonitor, velocity_scalars
@@ -68,6 +77,14 @@ def _build_monitors(
     return stability, guard
 
 
+def _skip_scalars(guard: NonFiniteGuard, precision: Precision) -> dict[str, float]:
+    """The guard's counts: non-finite steps and, in fp16, the scaler's overflows (skipped too)."""
+    scalars = {"stability/nonfinite_skips": float(guard.total_skips)}
+    if precision.scaling:
+        scalars["stability/overflow_skips"] = float(guard.overflow_skips)
+    return scalars
+
+
 def train(
     task: Task,
     optimizer: torch.optim.Optimizer,
@@ -81,6 +98,7 @@ def train(
     resume: Mapping[str, Any] | None = None,
     identity: Mapping[str, Any] | None = None,
     stop: StopRequest | None = None,
+    precision: Precision | str = "fp32",
 ) -> dict[str, float]:
     """Run `config.steps` optimisation steps of `task` with `optimizer`; returns the final
     metrics (the last evaluation's, the last loss, steps, items, throughput, wall time).
@@ -97,6 +115,9 @@ def train(
         log_images: log the task's `images` at each evaluation.
         run_config: the resolved config stored in the checkpoint (train.py passes the whole
             Hydra config); default: `{"train": ..., "monitor": ...}` of this call.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (or a `Precision`): autocast around
+            the task's loss on the model's device; fp16 adds a gradient scaler, whose
+            overflow steps the guard skips without counting them as non-finite steps.
         resume: a training checkpoint's payload (`kinetic.resume.find_resume_checkpoint`) to
             continue from: the run goes on from the step after it exactly as if it had never
             stopped (on the CPU, bit for bit).
@@ -118,6 +139,8 @@ def train(
     """
     # Setup: config, schedule, monitors. Nothing here draws from a random stream.
     tc = (TrainConfig() if config is None else config).validate()
+    if not isinstance(precision, Precision):
+        precision = Precision(precision, next(task.model.parameters()).device)
     logger = NullLogger() if logger is None else logger
     if run_config is None:
         run_config = {"train": asdict(tc), "monitor": None if monitor is None else asdict(monitor)}
@@ -125,7 +148,7 @@ def train(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # Several processes (torchrun): DDP averages the gradients; rank 0 alone watches, evaluates
     # and writes (train.py gives the other ranks a NullLogger). See docs/distributed.md.
-    task.train_model = distributed.data_parallel(task.model)
+    task.train_model = distributed.data_parallel(task.train_model)
     main = distributed.is_main_process()
     stability_monitor, guard = _build_monitors(monitor, task, optimizer, tc.log_every)
     if not main:
@@ -140,7 +163,7 @@ def train(
     if resume is not None:
         done, carried = restore_training_state(
             resume, task=task, optimizer=optimizer, schedule=schedule, monitor=stability_monitor,
-            guard=guard, generators=task.generators(),
+            guard=guard, generators=task.generators(), precision=precision,
         )  # fmt: skip
 
     def save(at: int) -> Path | None:
@@ -151,6 +174,7 @@ def train(
         payload = capture_training_state(
             step=at, task=task, optimizer=optimizer, schedule=schedule,
             monitor=stability_monitor, guard=guard, loop=carried, generators=task.generators(),
+            precision=precision,
         )  # fmt: skip
         return checkpoints.save(at, **payload, identity=dict(identity or {}), config=run_config)
 
@@ -162,14 +186,15 @@ def train(
     last_loss = None  # the last step's loss tensor, read once at the end
     step = done + 1
     while step <= tc.steps:
-        # Batch: sample one and score it.
-        loss, extras = task.loss(step)
+        # Batch: sample one and score it (under autocast in bf16 and fp16).
+        with precision.autocast():
+            loss, extras = task.loss(step)
 
-        # Backward, then the gradient norm (a device tensor: no sync). The norm is a pass over
-        # every gradient, so it is skipped on steps where nothing (clip, guard, monitor, log)
-        # needs it.
+        # Backward (fp16: scaled, then the gradients unscaled), then the gradient norm (a device
+        # tensor: no sync). The norm is a pass over every gradient, so it is skipped on steps
+        # where nothing (clip, guard, monitor, log) needs it.
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        precision.backward(loss, optimizer)
         # The global batch's loss (one all-reduce; the local loss itself in one process): a
         # non-finite loss on any rank then skips the step on every rank.
         loss = distributed.mean_over_ranks(loss)
@@ -180,9 +205,11 @@ def train(
                 [p.grad for p in params if p.grad is not None]
             )
 
-        # Guard: skip a non-finite step before it touches the parameters (one host sync).
-        if guard is not None and not guard.is_finite(loss, grad_norm, params):
-            logger.scalars(step, {"stability/nonfinite_skips": float(guard.total_skips)})
+        # Guard: skip a non-finite step before it touches the parameters (one host sync). In
+        # fp16 an overflow of the scaled gradients is skipped too, halving the scale.
+        if guard is not None and not guard.is_finite(loss, grad_norm, params, precision):
+            precision.skip(optimizer)
+            logger.scalars(step, _skip_scalars(guard, precision))
             if guard.exhausted:
                 path = save(step - 1)  # the last applied step, its streams as they are now
                 raise NonFiniteError(guard.stop_message(step, str(path)))
@@ -196,7 +223,7 @@ def train(
         if stability_monitor is not None:
             stability_monitor.before_step(step)
         lr = optimizer.param_groups[0]["lr"]  # this step's alpha_0, before the schedule moves it
-        optimizer.step()
+        precision.step(optimizer, checked=guard is not None)
         if step == 1:  # one sync: a loss that bypassed task.train_model left the ranks apart
             distributed.check_in_sync(params, "the task's loss must call task.train_model")
         schedule.step()
@@ -226,7 +253,7 @@ def train(
             if stability_monitor is not None:
                 stability |= stability_monitor.scalars()
             if guard is not None:
-                stability["stability/nonfinite_skips"] = float(guard.total_skips)
+                stability |= _skip_scalars(guard, precision)
             logger.scalars(step, scalars | stability)
             logger.postfix(loss=scalars["train/loss"])
             window_start, window_eval = now, 0.0
@@ -276,6 +303,8 @@ def train(
     }
     if guard is not None:
         final["nonfinite_skips"] = float(guard.total_skips)
+        if precision.scaling:
+            final["overflow_skips"] = float(guard.overflow_skips)
     final = distributed.agree(final)  # rank 0's evaluation, on every rank
     logger.write_metrics(final)
     if not math.isfinite(final["loss"]):

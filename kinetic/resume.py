@@ -33,6 +33,7 @@ def capture_training_state(
     guard: Any | None,
     loop: Mapping[str, Any],
     generators: Mapping[str, Any],
+    precision: Any | None = None,
 ) -> dict[str, Any]:
     """The payload of a training checkpoint taken after `step` (tensors and plain containers).
 
@@ -49,6 +50,7 @@ def capture_training_state(
         "guard": None if guard is None else guard.state_dict(),
         "rng": capture_rng(generators),
         "loop": dict(loop),
+        "scaler": {} if precision is None else precision.state_dict(),  # fp16's loss scale
     }
 
 
@@ -61,6 +63,7 @@ def restore_training_state(
     monitor: Any | None,
     guard: Any | None,
     generators: Mapping[str, Any],
+    precision: Any | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Load `payload` into freshly built objects; returns (the step it was taken after, the
     loop's carried values). A monitor or guard switched on or off since is refused by name."""
@@ -84,6 +87,8 @@ def restore_training_state(
         monitor.load_state_dict(payload["monitor"])
     if guard is not None:
         guard.load_state_dict(payload["guard"])
+    if precision is not None:
+        precision.load_state_dict(payload.get("scaler", {}))
     restore_rng(payload["rng"], generators)
     return int(payload["step"]), dict(payload["loop"])
 

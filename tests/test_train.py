@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,12 +99,26 @@ def test_eta_ratio_is_against_the_lr_of_the_same_step(tmp_path):
     [
         ("optim.lr=-1", "error: optim=vradam: Invalid lr: -1; expected a float in (0, inf)"),
         ("loss.name=foo", "error: Unknown loss.name: 'foo'; valid: tb, db, subtb, zvar, fm, mdb"),
+        ("precision=fp64", "error: Invalid precision: 'fp64'; expected one of fp32, bf16, fp16"),
+        (
+            "device=gpu",
+            "error: Invalid device: 'gpu'; expected one of auto, cpu, cuda, cuda:N, mps",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
     done = _train(f"hydra.run.dir={tmp_path}", override)
     assert done.returncode == 2
     assert done.stderr.strip() == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_is_one_line_naming_what_it_has(tmp_path):
+    done = _train(f"hydra.run.dir={tmp_path}", "device=cuda:1")
+    assert done.returncode == 2
+    available = "auto, cpu, mps" if torch.backends.mps.is_available() else "auto, cpu"
+    expected = f"error: device=cuda:1 is not available on this machine; available: {available}"
+    assert done.stderr.strip() == expected
 
 
 def test_the_schemas_reject_a_wrong_type_before_the_run(tmp_path):

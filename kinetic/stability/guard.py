@@ -8,9 +8,13 @@ loop's step counter as they were; after `max_consecutive` skips in a row the run
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from kinetic.precision import Precision
 
 __all__ = ["NonFiniteError", "NonFiniteGuard"]
 
@@ -39,6 +43,7 @@ class NonFiniteGuard:
         self.names = {p: name for name, p in named_params}
         self.max_consecutive = max_consecutive
         self.total_skips = 0  # over the whole run, logged as stability/nonfinite_skips
+        self.overflow_skips = 0  # fp16 steps the gradient scaler skipped (not divergences)
         self.consecutive = 0
         self.culprit = ""  # the first non-finite tensor of the last skipped step
 
@@ -47,7 +52,13 @@ class NonFiniteGuard:
         """Whether the run should stop: `max_consecutive` skipped steps in a row."""
         return self.consecutive >= self.max_consecutive
 
-    def is_finite(self, loss: Tensor, grad_norm: Tensor, params: Iterable[Tensor]) -> bool:
+    def is_finite(
+        self,
+        loss: Tensor,
+        grad_norm: Tensor,
+        params: Iterable[Tensor],
+        precision: Precision | None = None,
+    ) -> bool:
         """True if `loss` and every gradient are finite; else count a skip and find the culprit.
 
         One fused check: a NaN or Inf in any gradient makes the total norm non-finite, so
@@ -55,10 +66,18 @@ class NonFiniteGuard:
         float32, a step worth skipping too). `bool()` syncs with the device once per step: the
         decision to skip has to be made on the host. On CPU that costs nothing; on CUDA it is
         one sync per step, the price of skipping instead of applying a NaN.
+
+        With fp16's gradient scaler (`precision`), a step whose gradients overflowed at a
+        scale above 1 while the loss stayed finite is the scaler's overflow: it is skipped too
+        (the caller halves the scale with `precision.skip`), counted in `overflow_skips`, and
+        leaves the count of consecutive non-finite steps as it was.
         """
         if bool(torch.isfinite(loss.detach() + grad_norm)):
             self.consecutive = 0
             return True
+        if precision is not None and precision.is_overflow(loss):
+            self.overflow_skips += 1
+            return False
         self.total_skips += 1
         self.consecutive += 1
         self.culprit = self._first_nonfinite(loss, params)  # the slow path: syncs per tensor

@@ -121,3 +121,17 @@ def test_batches_are_seeded_draws_from_the_data():
     assert batch.shape == (6, 1, 1, 1)
     assert torch.equal(batch, again())
     assert set(np.unique(batch.numpy())) <= set(range(10))
+
+
+def test_the_dataset_and_its_batches_live_on_the_device(device):
+    cfg = OmegaConf.create({"name": "digits", "resolution": 8, "channels": 1, "heldout_size": 50})
+    on_cpu = build_dataset(cfg, seed=0)
+    data = build_dataset(cfg, seed=0, device=device)
+    for name in ("train", "labeled", "labels", "heldout_a", "heldout_b"):
+        tensor = getattr(data, name)
+        assert tensor.device.type == device.type
+        assert torch.equal(tensor.cpu(), getattr(on_cpu, name))
+    batch = BatchSampler(data.train, 16, torch.Generator(device).manual_seed(0))()
+    assert batch.device.type == device.type and batch.shape == (16, 1, 8, 8)
+    rows = {tuple(x.flatten().tolist()) for x in on_cpu.train}
+    assert all(tuple(x.flatten().tolist()) in rows for x in batch.cpu())  # drawn from the data

@@ -71,3 +71,17 @@ def test_sample_count_must_match_the_reference(quality):
     msg = f"Expected {HELDOUT} samples (the held-out set's size), got 10"
     with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
         metrics(a[:10])
+
+
+def test_metrics_on_the_device_match_the_cpu(classifier_cache, quality, device):
+    """The classifier scores on the run's device; the FD is taken on the CPU in float64."""
+    metrics, a, b = quality
+    train, labels, _, _ = load_digits_split(HELDOUT, seed=0)
+    classifier = cached_classifier(classifier_cache, train, labels, seed=0)
+    on_device = DigitQuality(classifier, a.to(device), b.to(device))
+    assert next(on_device.classifier.parameters()).device.type == device.type
+    noise = torch.rand(b.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for samples in (b, noise):
+        expected, got = metrics(samples), on_device(samples.to(device))
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -58,3 +59,14 @@ def test_grid_layout_and_png(tmp_path):
     assert np.allclose(grid[1:3, 1:3], 0.0) and np.allclose(grid[4:6, 4:6], 1.0)
     path = save_grid(tmp_path / "g.png", grid)
     assert path.is_file()
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_sampling_runs_on_the_model_device_and_is_seeded(unet, name, device):
+    model = copy.deepcopy(unet).to(device)
+    sampler = build_sampler(name, DDPMScheduler(num_train_timesteps=100), 4)
+    first = sample_images(model, sampler, 5, torch.Generator(device).manual_seed(0), batch_size=3)
+    again = sample_images(model, sampler, 5, torch.Generator(device).manual_seed(0), batch_size=3)
+    assert first.device.type == device.type and first.shape == (5, 1, 8, 8)
+    assert first.min() >= -1.0 and first.max() <= 1.0
+    assert torch.equal(first, again)

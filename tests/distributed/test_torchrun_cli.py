@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kinetic.checkpoint import load_checkpoint
+from kinetic.checkpoint import Checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,11 +41,12 @@ def test_two_processes_write_one_run(task: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run_dir,) = runs.iterdir()
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert len(Checkpoints(run_dir).paths()) == 1  # the last step's, written by rank 0 alone
     assert (run_dir / "metrics.json").is_file() and (run_dir / ".hydra/config.yaml").is_file()
     assert proc.stdout.count("done: ") == 1
     batch = 16 if task == "gfn" else 8
     split = f"world_size=2, backend=gloo, global_batch={batch}, batch_per_rank={batch // 2}"
     assert split in proc.stdout
-    config = load_checkpoint(run_dir / "checkpoint.pt")["config"]
+    config = load_checkpoint(Checkpoints(run_dir).latest())["config"]
     assert config["distributed"]["batch_per_rank"] == batch // 2
     assert torch.distributed.is_available()
