@@ -12,7 +12,8 @@ refusals.
     torchrun --nproc_per_node=2 train.py env=hypergrid
 
 runs it on 2 processes (DistributedDataParallel; gloo on CPU, nccl on CUDA): `task.batch_size` is
-the global batch, rank 0 alone writes the run directory (docs/distributed.md).
+the global batch, rank 0 alone writes the run directory (docs/distributed.md); `resume=auto`
+continues it with the same number of processes.
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ from kinetic import (
     distributed,
     train,
 )
-from kinetic.checkpoint import check_run_dir, run_identity, start_run_dir
+from kinetic.checkpoint import check_run_dir, load_checkpoint, run_identity, start_run_dir
 from kinetic.device import resolve_device
 from kinetic.errors import EXIT_DIVERGED, EXIT_USER_ERROR, ConfigError, refused_arguments
 from kinetic.interrupt import RunInterrupted, StopRequest, resume_command
 from kinetic.logging import config_hparams
 from kinetic.precision import Precision
-from kinetic.resume import find_resume_checkpoint
+from kinetic.resume import check_world_size, find_resume_checkpoint
 from kinetic.stability.guard import NonFiniteError
 from kinetic.validate import validate_config
 from optim import build_optimizer
@@ -91,18 +92,12 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     distributed.init_from_env(cfg.device)
     distributed.silence_other_ranks()
     main_process = distributed.is_main_process()
-    if distributed.is_distributed() and cfg.resume is not None:
-        raise ConfigError(
-            f"resume={cfg.resume} with {distributed.world_size()} processes: resuming a "
-            "torchrun run is not supported yet (a checkpoint holds one process's random streams "
-            "and replay buffer); resume it in one process, or start a new run"
-        )
     run_dir = Path(distributed.agree(HydraConfig.get().runtime.output_dir))
     identity = run_identity(cfg)
     check_run_dir(run_dir, identity, resume=cfg.resume, overwrite=cfg.overwrite)
-    found = find_resume_checkpoint(
-        run_dir, cfg.resume, identity, train_config.keep_checkpoints, warn=_warn
-    )
+    found = find_checkpoint_on_main(run_dir, cfg.resume, identity, train_config.keep_checkpoints)
+    if found is not None:
+        check_world_size(found[1], distributed.world_size())
 
     # 2. Build the task (environment or data, networks) and the optimizer.
     torch.set_num_threads(cfg.threads)
@@ -158,6 +153,26 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     return metrics, task
 
 
+def find_checkpoint_on_main(
+    run_dir: Path, resume: str | None, identity: dict, keep: int
+) -> tuple[Path, dict] | None:
+    """`find_resume_checkpoint` on rank 0, which decides (and alone warns of a damaged newest
+    checkpoint); the other ranks load the file it names (one node: a shared filesystem), and
+    refuse what rank 0 refused, with its message."""
+    if distributed.is_main_process():
+        try:
+            found = find_resume_checkpoint(run_dir, resume, identity, keep, warn=_warn)
+        except ConfigError as err:
+            distributed.agree(("refused", str(err)))
+            raise
+        distributed.agree(("found", None if found is None else str(found[0])))
+        return found
+    outcome, value = distributed.agree(None)
+    if outcome == "refused":
+        raise ConfigError(value)
+    return None if value is None else (Path(value), load_checkpoint(Path(value)))
+
+
 def distributed_batches(cfg: DictConfig) -> dict[str, int | str]:
     """What a distributed run states in its config and log: processes, backend, and the
     global and per-rank batch."""
@@ -208,8 +223,13 @@ def main(cfg: DictConfig) -> float | None:
             return math.nan  # one diverged job must not end a sweep (lr sweeps probe divergence)
         raise _Exit(EXIT_DIVERGED) from None
     except RunInterrupted as stop:
+        if not distributed.is_main_process():  # rank 0 says it, with the run's directory
+            raise _Exit(stop.exit_code) from None
         command = resume_command(Path(HydraConfig.get().runtime.output_dir),
                                  list(HydraConfig.get().overrides.task))  # fmt: skip
+        if distributed.world_size() > 1:  # every rank restarts, as many as stopped
+            launcher = f"torchrun --nproc_per_node={distributed.world_size()}"
+            command = command.replace("python ", f"{launcher} ", 1)
         print(f"stopped: {stop}\nresume with: {command}", file=sys.stderr)
         raise _Exit(stop.exit_code) from None
     except Exception:  # a bug: its traceback, exit 1 (told apart from Hydra's errors below)

@@ -102,6 +102,7 @@ class DDPMTask(Task):
     The run's device is the data's: `model` (and `ema`, `quality`) must live there too.
     """
 
+    per_rank_state = ()  # weights and EMA are shared; each rank's stream is in its RNG state
     items_name = "images"
     progress_keys = ("fd_ratio",)
     summary_keys = ("loss", "fd", "fd_ratio", "confidence", "class_entropy", "images_per_sec")

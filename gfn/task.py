@@ -112,6 +112,7 @@ class GFlowNetTask(Task):
             `distributed.rank_seed(seed, r)`) and, with seed + 1, the evaluation's.
     """
 
+    per_rank_state = ("visited", "found_targets", "replay")  # the weights are shared
     items_name = "trajectories"
     progress_keys = ("l1",)
     summary_keys = (

@@ -28,10 +28,12 @@ import torch.distributed as dist
 __all__ = [
     "agree",
     "any_over_ranks",
+    "any_rank",
     "barrier",
     "check_in_sync",
     "data_parallel",
     "device_for_rank",
+    "gather_to_main",
     "init_from_env",
     "is_distributed",
     "is_main_process",
@@ -150,6 +152,37 @@ def agree(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's `value` on rank 0, as a list indexed by rank (None on the other ranks);
+    `[value]` outside a distributed run. Tensors travel on the CPU (a pickled gather: call it on
+    every rank), so rank 0 receives no tensor on another rank's device."""
+    value = _to_cpu(value)
+    if not (_initialized() and dist.get_world_size() > 1):
+        return [value]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether `flag` is true on any rank (one all-reduce of one value on `device`, the
+    backend's: CPU for gloo, the rank's GPU for nccl, and one host sync); `flag` itself outside
+    a distributed run. E.g. a stop signal that reached the ranks at different steps."""
+    if not (_initialized() and dist.get_world_size() > 1):
+        return flag
+    return bool(any_over_ranks(torch.full((1,), flag, dtype=torch.bool, device=device)))
 
 
 def rank_seed(seed: int, of_rank: int | None = None) -> int:

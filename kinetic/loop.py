@@ -13,13 +13,16 @@ only ones (on CUDA each stalls the device until its queue drains): the guard's o
 the task's own (a GFlowNet sampler's per-step exit check and its count of visited states);
 every `log_every` steps the logged scalars; the sharpness probe when due; in fp16 without
 the guard, `GradScaler.step`'s overflow check; under torchrun, one check after step 1 that the
-ranks hold the same parameters. `benchmarks/gpu_check.py` checks this list on a GPU.
+ranks hold the same parameters and, with a `StopRequest`, one all-reduce of its flag per step
+(a signal may reach the ranks at different steps; they stop after the same one).
+`benchmarks/gpu_check.py` checks this list on a GPU.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +39,7 @@ from kinetic.config import TrainConfig
 from kinetic.interrupt import RunInterrupted, StopRequest
 from kinetic.logging import RunLogger
 from kinetic.precision import Precision
-from kinetic.resume import capture_training_state, restore_training_state
+from kinetic.resume import capture_training_state, rank_state, restore_training_state
 from kinetic.stability.guard import NonFiniteError, NonFiniteGuard
 from kinetic.stability.monitors import MonitorConfig, StabilityMonitor, velocity_scalars
 from kinetic.task import Task
@@ -150,31 +153,41 @@ def train(
     # and writes (train.py gives the other ranks a NullLogger). See docs/distributed.md.
     task.train_model = distributed.data_parallel(task.train_model)
     main = distributed.is_main_process()
+    several = distributed.is_distributed()
     stability_monitor, guard = _build_monitors(monitor, task, optimizer, tc.log_every)
-    if not main:
-        stability_monitor = None
     # Resume: the state after step `done`, and what the loop itself carries across steps (the
     # last evaluation's metrics and the last loss, for the final metrics; the time spent).
     checkpoints = (
         None if logger.run_dir is None else Checkpoints(logger.run_dir, tc.keep_checkpoints)
     )
+    # Every rank takes part in a checkpoint (its per-rank state is gathered to rank 0).
+    saving = distributed.agree(checkpoints is not None)
     carried: dict[str, Any] = {"metrics": {}, "loss": math.nan, "wall": 0.0, "eval_time": 0.0}
     done = 0
     if resume is not None:
         done, carried = restore_training_state(
             resume, task=task, optimizer=optimizer, schedule=schedule, monitor=stability_monitor,
             guard=guard, generators=task.generators(), precision=precision,
+            rank=distributed.rank(), world_size=distributed.world_size(),
         )  # fmt: skip
+    if not main:
+        stability_monitor = None
 
     def save(at: int) -> Path | None:
-        """A checkpoint of the state after step `at` (None without a run directory)."""
+        """A checkpoint of the state after step `at` (None without a run directory). In a
+        distributed run every rank calls it: rank 0 gathers each rank's own state and writes."""
+        if not saving:
+            return None
+        per_rank = None
+        if several:
+            per_rank = distributed.gather_to_main(rank_state(task, task.generators()))
         if checkpoints is None:
             return None
         carried.update(wall=wall_before + time.perf_counter() - start, eval_time=eval_time)
         payload = capture_training_state(
             step=at, task=task, optimizer=optimizer, schedule=schedule,
             monitor=stability_monitor, guard=guard, loop=carried, generators=task.generators(),
-            precision=precision,
+            precision=precision, per_rank=per_rank,
         )  # fmt: skip
         return checkpoints.save(at, **payload, identity=dict(identity or {}), config=run_config)
 
@@ -281,12 +294,17 @@ def train(
             callback(step)
         last_loss = loss
         stopping = stop is not None and stop.requested
+        if several and stop is not None:  # the ranks stop after the same step
+            stopping = distributed.any_rank(stopping, loss.device)
         periodic = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
         path = None
-        if checkpoints is not None and (periodic or step == tc.steps or stopping):
+        if saving and (periodic or step == tc.steps or stopping):
             carried.update(metrics=metrics, loss=float(loss.detach()))  # syncs, as the save does
             path = save(step)
         if stopping:
+            if stop.signal is None:  # a rank the signal has not reached (yet): torchrun's TERM
+                stop.signal, stop.signum = "SIGTERM", int(signal.SIGTERM)
+            distributed.barrier()  # no rank exits (and has torchrun end the others) mid-write
             raise RunInterrupted(stop.signal, stop.exit_code, step, path)
         step += 1
 

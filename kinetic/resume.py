@@ -5,6 +5,12 @@ whatever else the task carries across steps: EMA, replay buffer, visited states)
 the LR schedule, the stability monitor and guard, every random stream, the loop's own carried
 values (the last evaluation's metrics), the run's identity and the resolved config. Restoring it
 into freshly built objects makes the next step the one an uninterrupted run would take.
+
+A checkpoint of a distributed run (torchrun) holds the replicated state once (rank 0's) and,
+under "per_rank", one entry per rank (`rank_state`): the task's per-rank keys
+(`Task.per_rank_state`: a replay buffer, visited states) and the rank's random streams. Each
+rank restores the replicated state and its own entry; it resumes only with the number of
+processes that wrote it (`check_world_size`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,14 @@ import torch
 from kinetic.checkpoint import CheckpointError, Checkpoints, check_identity, load_checkpoint
 from kinetic.rng import capture_rng, restore_rng
 
-__all__ = ["FORMAT", "capture_training_state", "find_resume_checkpoint", "restore_training_state"]
+__all__ = [
+    "FORMAT",
+    "capture_training_state",
+    "check_world_size",
+    "find_resume_checkpoint",
+    "rank_state",
+    "restore_training_state",
+]
 
 FORMAT = 1  # bumped when the layout below changes incompatibly
 
@@ -34,13 +47,15 @@ def capture_training_state(
     loop: Mapping[str, Any],
     generators: Mapping[str, Any],
     precision: Any | None = None,
+    per_rank: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The payload of a training checkpoint taken after `step` (tensors and plain containers).
 
     `task.state_dict()` holds the task's whole carried state; `generators` are the task's
     random generators by name; `loop` the loop's carried values (e.g. the last metrics).
+    `per_rank`: in a distributed run, every rank's `rank_state`, indexed by rank.
     """
-    return {
+    payload = {
         "format": FORMAT,
         "step": step,
         "task": task.state_dict(),
@@ -52,6 +67,31 @@ def capture_training_state(
         "loop": dict(loop),
         "scaler": {} if precision is None else precision.state_dict(),  # fp16's loss scale
     }
+    if per_rank is not None:
+        payload["per_rank"] = per_rank
+    return payload
+
+
+def rank_state(task: Any, generators: Mapping[str, Any]) -> dict[str, Any]:
+    """What differs between the ranks of a distributed run: the task's per-rank keys
+    (`task.per_rank_state`; None means all of `state_dict()`) and every random stream."""
+    state = task.state_dict()
+    keys = getattr(task, "per_rank_state", None)
+    mine = state if keys is None else {key: state[key] for key in keys}
+    return {"task": mine, "rng": capture_rng(generators)}
+
+
+def check_world_size(payload: Mapping[str, Any], world_size: int) -> None:
+    """Refuse a checkpoint written by another number of processes than `world_size`, naming
+    both (a rank's sampling streams and replay buffer cannot be carried to another rank)."""
+    per_rank = payload.get("per_rank")
+    written = 1 if per_rank is None else len(per_rank)
+    if written != world_size:
+        raise CheckpointError(
+            f"The checkpoint was written by {written} process{'es' if written > 1 else ''}, "
+            f"this run has {world_size}: resume with the number of processes that wrote it "
+            "(torchrun --nproc_per_node), or start a new run"
+        )
 
 
 def restore_training_state(
@@ -64,9 +104,12 @@ def restore_training_state(
     guard: Any | None,
     generators: Mapping[str, Any],
     precision: Any | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[int, dict[str, Any]]:
     """Load `payload` into freshly built objects; returns (the step it was taken after, the
-    loop's carried values). A monitor or guard switched on or off since is refused by name."""
+    loop's carried values). A monitor or guard switched on or off since is refused by name.
+    In a distributed run, rank `rank` of `world_size` restores its own "per_rank" entry."""
     if payload.get("format") != FORMAT:
         raise CheckpointError(
             f"The checkpoint has format {payload.get('format')!r}; this version of kinetic reads "
@@ -80,7 +123,12 @@ def restore_training_state(
                 f"{'has none' if live is None else 'has one'}: keep the monitor settings of the "
                 "run being resumed"
             )
-    task.load_state_dict(payload["task"])
+    check_world_size(payload, world_size)
+    task_state, rng = payload["task"], payload["rng"]
+    if "per_rank" in payload:
+        mine = payload["per_rank"][rank]
+        task_state, rng = {**task_state, **mine["task"]}, mine["rng"]
+    task.load_state_dict(task_state)
     optimizer.load_state_dict(payload["optimizer"])
     schedule.load_state_dict(payload["schedule"])
     if monitor is not None:
@@ -89,7 +137,7 @@ def restore_training_state(
         guard.load_state_dict(payload["guard"])
     if precision is not None:
         precision.load_state_dict(payload.get("scaler", {}))
-    restore_rng(payload["rng"], generators)
+    restore_rng(rng, generators)
     return int(payload["step"]), dict(payload["loop"])
 
 

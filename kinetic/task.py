@@ -42,6 +42,9 @@ class Task(ABC):
     - `objective_key` (str or None): the final metric a Hydra sweeper minimises.
     - `generator` (torch.Generator or None): the stream the task's batches are drawn from; the
       default `probe_loss` restores it so that a sharpness probe never moves the run.
+    - `per_rank_state` (tuple of str or None): the keys of `state_dict()` that differ between
+      the ranks of a distributed run (a replay buffer, visited states): its checkpoints hold
+      them once per rank, the rest once. None (the default): every key, the safe choice.
     - `train_model` (nn.Module): what `loss` calls for its gradient-carrying forward pass:
       `model` itself, or in a distributed run the DistributedDataParallel around it, which
       `train` sets (`kinetic.distributed.data_parallel`). Sampling and evaluation call `model`.
@@ -58,6 +61,7 @@ class Task(ABC):
     summary_keys: tuple[str, ...] = ("loss",)
     objective_key: str | None = None
     generator: torch.Generator | None = None
+    per_rank_state: tuple[str, ...] | None = None
 
     @property
     def train_model(self) -> torch.nn.Module:
