@@ -277,7 +277,7 @@ def train(
         # Evaluate (not counted in the training throughput).
         if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
             eval_start = time.perf_counter()
-            if distributed.is_distributed():
+            if several:
                 task.gather_from_ranks()
             metrics = task.evaluate(step) if main else {}
             logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
