@@ -3,25 +3,16 @@ them match a closed form and torch's own FLOP counter, and its matmul replay doe
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gfn.policies import MLPPolicy
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gfn_throughput.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("gfn_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("gfn_throughput")
 
 
 def test_flops_of_a_hand_built_case_match_the_closed_form(bench):
