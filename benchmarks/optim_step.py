@@ -1,16 +1,21 @@
 """Time of one optimizer `step()`: every VRAdam implementation against torch's fused AdamW, and
-the bandwidth each achieves against a copy measured in the same run.
+the bandwidth each achieves against a copy and an in-place pass measured in the same run.
 
 Models of fp32 parameters spread over a few hundred tensors (weights and biases of square
 linear layers), gradients fixed. Every optimizer steps the same parameters and keeps its own
 state; they are timed in interleaved rounds so that drift in the machine's speed hits all of
-them alike. A plain `Tensor.copy_` of AdamW's byte count (14 bytes per parameter read, 14
-written) is timed in the same rounds, as the machine's attainable bandwidth. Per optimizer the
+them alike. Two passes over AdamW's byte count are timed in the same rounds as the machine's
+attainable bandwidth: "copy", a `Tensor.copy_` (14 bytes per parameter read, 14 written to
+other memory), and "in-place", a `mul_(1)` that reads and writes the same 14 bytes, as an
+optimizer updates theta, m and v where they are (a copy's destination is also read into the
+cache before it is written, which the in-place pass does not pay, so on a CPU it is the faster
+and the fairer ceiling, and an optimizer can exceed 100% of the copy). Per optimizer the
 table gives the median time per step over the rounds (a step does the same work every time,
 so there is no periodic work for a mean to show), the bytes per parameter it must move (BYTES
 below, as docs/performance.md derives them: 28 for AdamW and lagged Triton VRAdam, 32 for
 lagged fused VRAdam, 36 for exact VRAdam, 40 for fused `velocity="precond"`), the GB/s it
-achieves (those bytes over its time), that bandwidth's fraction of the copy's, and its time
+achieves (those bytes over its time), that bandwidth's fraction of the copy's and of the
+in-place pass's, and its time
 against fused AdamW's. CPU runs use each `--threads` count in turn (default 1 and 2, printed
 per row); CUDA times the device. Run:
 
@@ -102,16 +107,19 @@ def _clock(device: str) -> Callable[[], float]:
 def time_steps(
     names: list[str], n_params: int, n_tensors: int, rounds: int, steps: int, device: str
 ) -> tuple[dict[str, float], int]:
-    """Median seconds per step of each optimizer (and of "copy", the bandwidth probe), and the
+    """Median seconds per step of each optimizer (and of "copy" and "in-place", the bandwidth
+    probes), and the
     number of parameters stepped."""
     params = make_params(n_params, n_tensors, device)
     optimizers = {name: OPTIMIZERS[name](params) for name in names}
     n = sum(p.numel() for p in params)
-    # copy_ reads and writes half of AdamW's bytes per parameter each: 3.5 floats per parameter.
-    src = torch.empty(BYTES[BASELINE] * n // 8, dtype=torch.float32, device=device)
+    # Each probe reads and writes half of AdamW's bytes per parameter: 3.5 floats per parameter
+    # (ones: no denormals or NaNs in the multiply, and mul_(1) keeps them ones).
+    src = torch.ones(BYTES[BASELINE] * n // 8, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     tasks: dict[str, Callable[[], object]] = {name: opt.step for name, opt in optimizers.items()}
     tasks["copy"] = lambda: dst.copy_(src)
+    tasks["in-place"] = lambda: src.mul_(1.0)
     for task in tasks.values():  # create the state, compile kernels; first steps allocate
         for _ in range(3):
             task()
@@ -146,9 +154,10 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {where}, fp32, {args.tensors} tensors, "
           f"median of {args.rounds} interleaved rounds; GB/s = bytes/param x params / time, "
-          "of copy = that over the copy's GB/s in the same run")  # fmt: skip
+          "of copy / of in-place = that over the copy's / the in-place pass's GB/s in the same "
+          "run")  # fmt: skip
     print(f"{'params':>7} {'threads':>7} {'optimizer':<22} {'ms/step':>9} {'B/param':>7} "
-          f"{'GB/s':>7} {'of copy':>7} {'x adamw-fused':>13}")  # fmt: skip
+          f"{'GB/s':>7} {'of copy':>7} {'of in-place':>11} {'x adamw-fused':>13}")  # fmt: skip
     for size in args.sizes or sizes:
         n_params = int(size)
         steps = max(1, int((2e9 if args.device == "cuda" else 2e7) // n_params))
@@ -158,11 +167,12 @@ def main() -> None:
             gbs = {
                 name: BYTES.get(name, BYTES[BASELINE]) * n / m / 1e9 for name, m in medians.items()
             }
-            for name in [*names, "copy"]:
+            for name in [*names, "copy", "in-place"]:
                 ratio = medians[name] / medians[BASELINE]
                 print(f"{n / 1e6:>6.0f}M {t:>7} {name:<22} {medians[name] * 1e3:>9.3f} "
                       f"{BYTES.get(name, BYTES[BASELINE]):>7} {gbs[name]:>7.1f} "
-                      f"{gbs[name] / gbs['copy']:>7.1%} {ratio:>12.2f}x")  # fmt: skip
+                      f"{gbs[name] / gbs['copy']:>7.1%} {gbs[name] / gbs['in-place']:>11.1%} "
+                      f"{ratio:>12.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
