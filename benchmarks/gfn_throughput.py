@@ -33,9 +33,11 @@ bias adds and everything but these matmuls are left out, as are the sharpness pr
 Hessian-vector products (its steps are left out of the limit's figures). Then, in the same
 process, the matmuls of sampled iterations are replayed alone at exactly those shapes
 (`F.linear` forward, `mm` for the two backward products, fp32, the same threads; best of 3),
-and a 2048^3 matmul gives the machine's peak at this thread count. Printed: achieved GFLOP/s
-of the iteration, the share of its time its matmuls alone need (its fraction of the machine's
-matmul rate at these shapes), and its fraction of the 2048^3 peak.
+whose GFLOP/s is the machine's matmul rate at these shapes, and a 2048^3 matmul gives the
+machine's peak at this thread count. Printed: the rows and FLOPs per iteration, its achieved
+GFLOP/s, the rate at its shapes, the share of its time its matmuls alone need (achieved over
+the rate at its shapes: its fraction of the machine's matmul rate at these shapes), and its
+fraction of the 2048^3 peak.
 
     python3 -m venv /work/peer-venv
     /work/peer-venv/bin/pip install torch==2.13.0 torchgfn==2.4.1   # CPU torch
@@ -299,25 +301,24 @@ def peak_gflops(n: int = PEAK_SIZE, reps: int = 3, dtype=torch.float32) -> float
 
 
 def limit(run: KineticRun, warmup: int, samples: int) -> dict[str, float]:
-    """FLOPs per iteration of `run` after `warmup` (the probe's iterations left out), its
-    achieved GFLOP/s, and the time its matmuls alone take, from `samples` iterations spread
-    over the run and replayed at their shapes."""
+    """FLOPs per iteration of `run` after `warmup` (the probe's iterations left out) and its
+    achieved GFLOP/s over those iterations; the matmul rate at its shapes, from `samples`
+    iterations spread over the run whose matmuls are replayed alone; the share of an
+    iteration's time those matmuls alone need (achieved rate over the rate at the shapes)."""
     probes = set(run.probe_steps)
     steps = [i for i in range(warmup, len(run.ms)) if i not in probes]
-    calls = [run.rows.calls[run.marks[i] : run.marks[i + 1]] for i in steps]
-    counts = [run.rows.flops(c) for c in calls]
-    seconds = sum(run.ms[i] for i in steps) / 1e3
+    calls = {i: run.rows.calls[run.marks[i] : run.marks[i + 1]] for i in steps}
+    counts = {i: run.rows.flops(c) for i, c in calls.items()}
     n = len(steps)
-    result = {k: sum(c[k] for c in counts) / n for k in counts[0]}
-    result["gflops"] = sum(c["total"] for c in counts) / seconds / 1e9
+    result = {k: sum(c[k] for c in counts.values()) / n for k in counts[steps[0]]}
+    result["gflops"] = result["total"] * n / (sum(run.ms[i] for i in steps) / 1e3) / 1e9
     picked = sorted({steps[round(j * (n - 1) / max(samples - 1, 1))] for j in range(samples)})
-    picked_calls = [run.rows.calls[run.marks[i] : run.marks[i + 1]] for i in picked]
-    max_rows = max(rows for c in picked_calls for rows, _, _ in c)
+    max_rows = max(rows for i in picked for rows, _, _ in calls[i])
     replay = MatmulReplay(run.rows.layers, max_rows)
-    matmul_s = sum(replay.seconds(c) for c in picked_calls)
-    result["matmul_share"] = matmul_s / (sum(run.ms[i] for i in picked) / 1e3)
-    result["matmul_ms"] = matmul_s / len(picked) * 1e3
-    result["samples"] = len(picked)
+    seconds = sum(replay.seconds(calls[i]) for i in picked)
+    result["shapes_gflops"] = sum(counts[i]["total"] for i in picked) / seconds / 1e9
+    result["matmul_share"] = result["gflops"] / result["shapes_gflops"]
+    result["matmul_ms"] = result["total"] / result["shapes_gflops"] / 1e6
     return result
 
 
@@ -537,13 +538,13 @@ def print_tables(results: list[dict], threads: int, warmup: int, peak: float) ->
 
     print(
         f"\nThe limit, {threads} thread{plural}, fp32: the MLP's matmuls per iteration, counted "
-        "from the run's rows (probe iterations left out); a 2048^3 matmul runs at "
+        f"from the run's rows (probe iterations left out); a {PEAK_SIZE}^3 matmul runs at "
         f"{peak:.1f} GFLOP/s here (the peak)"
     )
     print(
         f"{'grid':>5} {'batch':>5} {'variant':<21} {'rows sample':>11} {'rows loss':>9} "
-        f"{'MFLOP/iter':>10} {'GFLOP/s':>8} {'matmuls alone ms':>16} {'of matmul rate':>14} "
-        f"{'of peak':>8}"
+        f"{'MFLOP/iter':>10} {'GFLOP/s':>8} {'at shapes':>9} {'matmuls ms':>10} "
+        f"{'of matmul rate':>14} {'of peak':>8}"
     )
     for r in results:
         for row in r["rows"]:
@@ -552,14 +553,17 @@ def print_tables(results: list[dict], threads: int, warmup: int, peak: float) ->
             print(
                 f"{r['grid']:>5} {r['batch']:>5} {row['variant']:<21} {row['sample_rows']:>11.0f} "
                 f"{row['loss_rows']:>9.0f} {row['total'] / 1e6:>10.1f} {row['gflops']:>8.2f} "
-                f"{row['matmul_ms']:>16.3f} {row['matmul_share']:>14.1%} "
-                f"{row['gflops'] / peak:>8.1%}"
+                f"{row['shapes_gflops']:>9.2f} {row['matmul_ms']:>10.3f} "
+                f"{row['matmul_share']:>14.1%} {row['gflops'] / peak:>8.1%}"
             )
     print(
-        "MFLOP/iter: sampling forward + loss forward + loss backward (2 rows in out each, per "
-        "layer; no input gradient for the first layer); GFLOP/s: those FLOPs over the time of "
-        "those iterations; matmuls alone: the same matmuls replayed at their shapes (best of 3, "
-        "sampled iterations); of matmul rate: their share of the iterations' time"
+        "rows: through the MLP per iteration, in sampling and in the loss; MFLOP/iter: sampling "
+        "forward + loss forward + loss backward (2 rows in out each, per layer; no input "
+        "gradient for the first layer); GFLOP/s: those FLOPs over the iterations' time; at "
+        "shapes: the GFLOP/s of the same matmuls replayed alone (best of 3, sampled iterations); "
+        "matmuls ms: their time alone in a mean iteration; of matmul rate: GFLOP/s / at shapes "
+        "(the share of the iteration's time its matmuls alone need); of peak: GFLOP/s / the "
+        f"{PEAK_SIZE}^3 matmul's"
     )
 
 
