@@ -4,20 +4,30 @@
 The plain loop follows diffusers' `examples/unconditional_image_generation/train_unconditional.py`
 (add_noise, ε-MSE, backward, clip_grad_norm_ to 1, AdamW step, lr_scheduler step, zero_grad,
 EMAModel step) in fp32, the recipe's default precision, on the same UNet
-(configs/model/unet.yaml), the same batch size and the same digits. Both loops use the same EMA
-implementation (`EMAModel(..., foreach=True)`, as `DDPMTask` does). kinetic's step is the real
-thing: `kinetic.train` on `DDPMTask`, timed between successive calls of a loop callback, so it
-includes everything the loop does per step (gradient norm, guard, clipping, monitors, schedule,
-EMA) except the logging and evaluation steps. kinetic runs with AdamW and with VRAdam in fp32,
-and with VRAdam in bf16 autocast (`precision=bf16`), the fastest setting on a CPU with
-AVX512-BF16 (benchmarks/compile_speed.py). Variants run in interleaved rounds so drift in the
-machine's speed hits all of them alike.
+(configs/model/unet.yaml), the same batch size and the same digits. Both loops use the same
+optimizer and EMA, built from the same config: `torch.optim.AdamW(fused=True)` with the
+config's lr, betas, eps and weight decay (kinetic's `optim=adamw` is torch's AdamW, fused by
+default), and `EMAModel(..., foreach=True)` with the config's `task.ema` settings (as
+`DDPMTask.from_config` builds it), so the plain/kinetic ratio measures the loops, not their
+kernels. kinetic's step is the real thing: `kinetic.train` on `DDPMTask`, timed between
+successive calls of a loop callback, so it includes everything the loop does per step
+(gradient norm, guard, clipping, the default monitors, schedule, EMA) except the logging and
+evaluation steps. The per-step monitor signals run on 2 of every `monitor.every` steps; the
+sharpness probe (every `monitor.sharpness.every` steps; both printed at run time from the
+config) does not fall in these short rounds: `benchmarks/monitor_overhead.py` times it.
+kinetic runs with AdamW and with VRAdam in fp32, and with VRAdam in bf16 autocast
+(`precision=bf16`), the fastest setting on a CPU with AVX512-BF16
+(benchmarks/compile_speed.py). Variants run in interleaved rounds so drift in the machine's
+speed hits all of them alike; each round's first step (and kinetic's last, which logs) is not
+timed.
 
     python benchmarks/ddpm_step.py                     # 1 and 2 threads
-    python benchmarks/ddpm_step.py --threads 2 --rounds 5 --steps 40
+    python benchmarks/ddpm_step.py --threads 1 --rounds 3 --steps 12
 
-Prints the median and the mean ms/step of each variant and their ratios against the plain loop
-measured in the same run (the monitors run on some steps only, so the two can differ).
+Prints, per thread count (`--threads`, intra-op threads), the median and the mean ms/step of
+each variant and their ratios against the plain loop measured in the same run: the mean is
+over every timed step, the steps with monitor work included (the throughput a run gets); the
+median is the typical step, which hides that periodic work.
 """
 
 from __future__ import annotations
@@ -104,7 +114,12 @@ class PlainRunner:
             self.model.parameters(), decay=ema.decay, use_ema_warmup=ema.use_ema_warmup,
             inv_gamma=ema.inv_gamma, power=ema.power, foreach=True,
         )  # fmt: skip
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr)
+        # kinetic's AdamW (optim=adamw) with the same settings: torch's, fused.
+        opt = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+            weight_decay=opt.weight_decay, fused=True,
+        )  # fmt: skip
         self.lr_scheduler = get_scheduler(
             "cosine", self.optimizer, num_warmup_steps=0, num_training_steps=10**6
         )
@@ -132,6 +147,30 @@ class PlainRunner:
         return deltas[1:]  # as for kinetic: the first step of a round is not counted
 
 
+OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "foreach", "fused")
+EMA_KEYS = ("decay", "min_decay", "update_after_step", "use_ema_warmup", "inv_gamma", "power",
+            "foreach")  # fmt: skip
+
+
+def check_same_settings(plain: PlainRunner, kinetic: KineticRunner) -> None:
+    """Refuse to time loops whose AdamW or EMA settings differ (the docstring's claim)."""
+
+    def settings(optimizer: torch.optim.Optimizer) -> dict:
+        group = optimizer.param_groups[0]
+        return {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in group.items()
+            if k in OPTIMIZER_KEYS
+        }
+
+    ours, theirs = settings(plain.optimizer), settings(kinetic.optimizer)
+    if not isinstance(kinetic.optimizer, torch.optim.AdamW) or ours != theirs:
+        raise RuntimeError(f"the plain loop's AdamW differs from kinetic's: {ours} vs {theirs}")
+    ema = kinetic.task.ema
+    if any(getattr(plain.ema, k) != getattr(ema, k) for k in EMA_KEYS):
+        raise RuntimeError("the plain loop's EMA settings differ from DDPMTask's")
+
+
 def bench(threads: int, rounds: int, steps: int, extra: list[str]) -> dict[str, list[float]]:
     """Seconds per step of each variant at `threads` intra-op threads, every timed step."""
     torch.set_num_threads(threads)
@@ -143,6 +182,7 @@ def bench(threads: int, rounds: int, steps: int, extra: list[str]) -> dict[str, 
             "kinetic-vradam": KineticRunner("vradam", steps, workdir, extra),
             "kinetic-vradam-bf16": KineticRunner("vradam", steps, workdir, extra, "bf16"),
         }
+        check_same_settings(runners[BASELINE], runners["kinetic-adamw"])
         for runner in runners.values():  # warm-up round (allocations, optimizer state)
             runner.run()
         samples: dict[str, list[float]] = {name: [] for name in runners}
@@ -160,8 +200,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. task.batch_size=64")
     args = parser.parse_args()
     load = os.getloadavg()[0]
+    monitor = MonitorConfig.from_dict(compose_cfg("adamw", 1, ".cache", args.overrides).monitor)
     print(f"DDPM train step, default task=ddpm config {args.overrides}, CPU, "
-          f"{args.rounds} rounds x {args.steps} steps, load average {load:.2f}")  # fmt: skip
+          f"{args.rounds} rounds x {args.steps} steps, load average {load:.2f}; kinetic's "
+          f"monitors: signals on 2 of every {monitor.every} steps, sharpness probe every "
+          f"{monitor.sharpness_every} steps (not in these rounds); mean = every timed step, "
+          "median = the typical step")  # fmt: skip
     print(f"{'threads':>7}  {'variant':<20} {'median ms':>9} {'mean ms':>8} "
           f"{'median vs ' + BASELINE:>22} {'mean vs ' + BASELINE:>20}")  # fmt: skip
     for threads in args.threads:
@@ -174,8 +218,12 @@ def main() -> None:
                 f"{medians[BASELINE] / medians[name]:>21.3f}x "
                 f"{means[BASELINE] / means[name]:>19.3f}x"
             )
-        overhead = (medians["kinetic-vradam"] - medians["kinetic-adamw"]) / medians["kinetic-adamw"]
-        print(f"{threads:>7}  VRAdam over AdamW in kinetic (medians): {overhead:+.1%} of a step")
+        over = {
+            kind: (stat["kinetic-vradam"] - stat["kinetic-adamw"]) / stat["kinetic-adamw"]
+            for kind, stat in (("medians", medians), ("means", means))
+        }
+        print(f"{threads:>7}  VRAdam over AdamW in kinetic: {over['medians']:+.1%} of a step "
+              f"(medians), {over['means']:+.1%} (means)")  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 

@@ -1,16 +1,43 @@
 # ruff: noqa: E402 (the project's imports follow the sys.path line below)
-"""Trajectories per second of a full GFlowNet training iteration, kinetic against torchgfn.
+"""Trajectories per second of a full GFlowNet training iteration, kinetic against torchgfn,
+and how far that iteration is from this machine's matmul rate.
 
 One iteration is sample + trajectory-balance loss + backward + optimizer step on HyperGrid
 (8^2, 8^4, 20^4) at batch 16 and 256: 256x2 MLP, P_B a head on the shared trunk, AdamW lr
-1e-3 with log Z at lr 0.1, on-policy, one thread. kinetic runs in this process through the
-code path of `python train.py` (Hydra-composed config, `GFlowNetTask`, `build_optimizer`, and
-`kinetic.train` without monitors or evaluation); torchgfn 2.4.1 runs `benchmarks/torchgfn_peer.py`
-in its own virtual environment (its import name `gfn` clashes with kinetic's), driven over a
-pipe. Both train for the same trajectory budget in interleaved chunks, so drift in the
-machine's speed hits both alike; the time per iteration is the median over all iterations
-after the warm-up. After the budget, both forward policies are tabulated on every grid state
-and scored by kinetic's exact evaluator (`gfn.evaluation`): L1 = sum_x |p(x) - p*(x)|, in [0, 2].
+1e-3 with log Z at lr 0.1 and a constant lr (torchgfn's settings), on-policy, `--threads`
+intra-op threads (default 1; printed with every table). kinetic runs in this process through
+the code path of `python train.py`: the Hydra-composed config, `GFlowNetTask`,
+`build_optimizer`, and `kinetic.train` with the config's `monitor` group (`monitor=default`:
+the non-finite guard, the per-step stability signals and the periodic sharpness probe), its
+`train.log_every` scalar reads and its `train.clip_grad_norm`, without evaluation, files or
+progress bar. Each run is one call of the loop, so the periodic work falls on the steps it
+would in a `python train.py` run of that length. A second kinetic row, "monitors off", runs
+the same config with `monitor=off`, so the monitors' cost is the difference of the two rows.
+torchgfn 2.4.1 runs `benchmarks/torchgfn_peer.py` in its own virtual environment (its import
+name `gfn` clashes with kinetic's), driven over a pipe. All train for the same trajectory
+budget in interleaved chunks (the other runs train while kinetic's loop waits in a callback,
+which is not timed), so drift in the machine's speed hits them alike.
+
+Per-iteration times leave out `--warmup` iterations. "mean" is the mean over every other
+iteration, the periodic ones (sharpness probe, logging) included: the throughput a run gets;
+"median" is the typical iteration, which hides the periodic work. After the budget, the
+forward policies are tabulated on every grid state and scored by kinetic's exact evaluator
+(`gfn.evaluation`): L1 = sum_x |p(x) - p*(x)|, in [0, 2].
+
+The limit: the rows that go through the MLP's linear layers (trunk and fused heads) are
+counted in the run itself, per call of the policy: sampling's calls (no autograd) and the
+loss's (taped, so backpropagated). FLOPs of an iteration = sum over calls and layers of
+2 rows in out (forward) plus, for the loss's calls, 2 rows in out for the weight gradient and
+2 rows in out for the input gradient (every layer but the first, whose input needs none);
+bias adds and everything but these matmuls are left out, as are the sharpness probe's
+Hessian-vector products (its steps are left out of the limit's figures). Then, in the same
+process, the matmuls of sampled iterations are replayed alone at exactly those shapes
+(`F.linear` forward, `mm` for the two backward products, fp32, the same threads; best of 3),
+whose GFLOP/s is the machine's matmul rate at these shapes, and a 2048^3 matmul gives the
+machine's peak at this thread count. Printed: the rows and FLOPs per iteration, its achieved
+GFLOP/s, the rate at its shapes, the share of its time its matmuls alone need (achieved over
+the rate at its shapes: its fraction of the machine's matmul rate at these shapes), and its
+fraction of the 2048^3 peak.
 
     python3 -m venv /work/peer-venv
     /work/peer-venv/bin/pip install torch==2.13.0 torchgfn==2.4.1   # CPU torch
@@ -19,7 +46,8 @@ and scored by kinetic's exact evaluator (`gfn.evaluation`): L1 = sum_x |p(x) - p
     python benchmarks/gfn_throughput.py --grids 4x8 --batch-sizes 16 --budget 16=32000
     python benchmarks/gfn_throughput.py --profile 4x8:16 --profile 4x8:256  # kinetic only
 
-The speed-up is torchgfn's median ms/iter over kinetic's (= the ratio of trajectories/s).
+The speed-up is torchgfn's ms/iter over kinetic's (= the ratio of trajectories/s), of the
+means and of the medians.
 """
 
 from __future__ import annotations
@@ -27,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import io
 import itertools
 import json
@@ -42,6 +71,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import Tensor
@@ -54,13 +84,15 @@ sys.path.insert(0, str(ROOT))
 import gfn.task
 from envs.hypergrid import HyperGrid
 from gfn.evaluation import exact_terminal_distribution, l1_distance, true_terminal_distribution
-from gfn.policies import masked_log_softmax
+from gfn.policies import MLPPolicy, masked_log_softmax
 from gfn.task import GFlowNetTask
-from kinetic import TrainConfig, train
+from kinetic import MonitorConfig, TrainConfig, train
 from optim import build_optimizer
 
 PEER_SCRIPT = Path(__file__).with_name("torchgfn_peer.py")
 DEFAULT_BUDGETS = {16: 32_000, 256: 64_000}  # trajectories per run, by batch size
+MONITORS = {"kinetic": "default", "kinetic monitors off": "off"}  # row -> monitor config
+PEAK_SIZE = 2048  # the square matmul that stands for the machine's peak
 
 
 # --- kinetic --------------------------------------------------------------------------------
@@ -74,9 +106,11 @@ def kinetic_config(
     optim: str,
     seed: int,
     extra: tuple[str, ...] = (),
+    monitor: str = "default",
 ) -> DictConfig:
     """The config `python train.py` would compose, with the benchmark's settings pinned
-    (torchgfn's: lr 1e-3, log Z lr 0.1, no lr schedule); `extra` overrides go last (e.g.
+    (torchgfn's: lr 1e-3, log Z lr 0.1, no lr schedule); everything else, the monitors and
+    gradient clipping included, is the config's default. `extra` overrides go last (e.g.
     ``+optim.fused=true`` to try a change)."""
     overrides = [
         f"optim={optim}",
@@ -92,10 +126,10 @@ def kinetic_config(
         f"train.steps={steps}",
         "train.lr_schedule=constant",
         "train.warmup_steps=0",
-        "train.clip_grad_norm=0.0",
         "model.hidden=256",
         "model.n_layers=2",
         "model.backward=learned",
+        f"monitor={monitor}",
         f"seed={seed}",
         "threads=1",
         *extra,
@@ -105,30 +139,48 @@ def kinetic_config(
 
 
 class KineticRun:
-    """A GFlowNet task and its optimizer, trained in chunks by `kinetic.train` (no monitors,
-    no evaluation, no files: the loop's per-step body only)."""
+    """A GFlowNet task and its optimizer, trained by `kinetic.train` with the config's
+    monitors, `log_every` and clipping (no evaluation, no files), its iterations timed and
+    the rows through its MLP counted (`RowCounter`)."""
 
     def __init__(self, cfg: DictConfig) -> None:
         torch.manual_seed(cfg.seed)  # as train.py does before building the task
         self.cfg = cfg
         self.task = GFlowNetTask.from_config(cfg)
         self.optimizer = build_optimizer(cfg.optim, self.task.param_groups())
+        self.monitor = MonitorConfig.from_dict(cfg.monitor)
+        self.rows = RowCounter(self.task.model.policy)
         self.step = 0
+        self.ms: list[float] = []  # wall milliseconds of every iteration so far
+        self.marks = [0]  # len(self.rows.calls) after each iteration
+        self.probe_steps: list[int] = []  # iterations (0-based) on which the probe ran
+        probe_loss = self.task.probe_loss
 
-    def train(self, iters: int) -> list[float]:
-        """`iters` iterations (one call of the loop); wall milliseconds of each."""
-        tc = self.cfg.train
-        config = TrainConfig(
-            steps=iters, log_every=iters, eval_every=0, clip_grad_norm=tc.clip_grad_norm,
-            lr_schedule=tc.lr_schedule, warmup_steps=tc.warmup_steps,
-        )  # fmt: skip
-        stamps = [time.perf_counter()]
-        train(
-            self.task, self.optimizer, config, monitor=None,
-            callbacks=[lambda step: stamps.append(time.perf_counter())],
-        )  # fmt: skip
+        def counted_probe_loss(step: int) -> Tensor:  # the probe's rows are not an iteration's
+            if not self.probe_steps or self.probe_steps[-1] != self.step + step - 1:
+                self.probe_steps.append(self.step + step - 1)
+            with self.rows.paused():
+                return probe_loss(step)
+
+        self.task.probe_loss = counted_probe_loss
+
+    def train(self, iters: int, pause: Callable[[int], None] | None = None) -> list[float]:
+        """`iters` iterations in one call of the loop; wall milliseconds of each. `pause(step)`
+        runs after each iteration, outside the timed span (other runs train meanwhile)."""
+        config = TrainConfig(**{**self.cfg.train, "steps": iters, "eval_every": 0})
+        first = len(self.ms)
+        last = [time.perf_counter()]
+
+        def callback(step: int) -> None:
+            self.ms.append((time.perf_counter() - last[0]) * 1e3)
+            self.marks.append(len(self.rows.calls))
+            if pause is not None:
+                pause(step)
+            last[0] = time.perf_counter()
+
+        train(self.task, self.optimizer, config, monitor=self.monitor, callbacks=[callback])
         self.step += iters
-        return [(b - a) * 1e3 for a, b in itertools.pairwise(stamps)]
+        return self.ms[first:]
 
     @torch.no_grad()
     def log_pf_table(self) -> Tensor:
@@ -138,6 +190,136 @@ class KineticRun:
         logits = self.task.model(env.featurize(states)).pf_logits
         table = masked_log_softmax(logits, env.forward_mask(states))  # (N, A)
         return table.new_empty(table.shape).index_copy_(0, env.state_index(states), table)
+
+
+# --- the limit: FLOPs and matmul rate ----------------------------------------------------
+
+
+class RowCounter:
+    """The rows of every call of an `MLPPolicy`, from the run itself.
+
+    The policy applies each of its linear layers (the trunk's, then the fused heads) once to
+    every row of its input, so a call's matmuls are fixed by its row count; a call made with
+    autograd on is backpropagated by the loss. Wraps the policy's `forward` (one Python call
+    and a list append per call: cheaper than a module hook). Each call is recorded as
+    ``(rows, taped, input_needs_grad)``."""
+
+    def __init__(self, policy: MLPPolicy) -> None:
+        if not isinstance(policy, MLPPolicy):
+            raise TypeError(f"RowCounter counts an MLPPolicy's rows, not a {type(policy)}")
+        self.layers = [(m.in_features, m.out_features) for m in (*policy.trunk, policy.heads)]
+        self.calls: list[tuple[int, bool, bool]] = []
+        self._paused = False
+        forward = policy.forward
+
+        @functools.wraps(forward)
+        def counted(features: Tensor):
+            if not self._paused:
+                taped = torch.is_grad_enabled()
+                rows = features.numel() // features.shape[-1]
+                self.calls.append((rows, taped, taped and features.requires_grad))
+            return forward(features)
+
+        policy.forward = counted
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Calls made inside are not recorded."""
+        self._paused, before = True, self._paused
+        try:
+            yield
+        finally:
+            self._paused = before
+
+    def flops(self, calls: list[tuple[int, bool, bool]]) -> dict[str, int]:
+        """FLOPs of `calls`' matmuls: sampling's forward (calls without autograd), the loss's
+        forward and the loss's backward (weight gradients, and input gradients of every layer
+        whose input needs one), and the rows of each kind."""
+        per_row = sum(2 * n_in * n_out for n_in, n_out in self.layers)
+        first = 2 * self.layers[0][0] * self.layers[0][1]
+        out = {"sample_rows": 0, "loss_rows": 0, "sample": 0, "loss_fwd": 0, "loss_bwd": 0}
+        for rows, taped, input_grad in calls:
+            if not taped:
+                out["sample_rows"] += rows
+                out["sample"] += rows * per_row
+                continue
+            out["loss_rows"] += rows
+            out["loss_fwd"] += rows * per_row
+            out["loss_bwd"] += rows * (2 * per_row - (0 if input_grad else first))
+        out["total"] = out["sample"] + out["loss_fwd"] + out["loss_bwd"]
+        return out
+
+
+class MatmulReplay:
+    """The matmuls of recorded policy calls, replayed alone at the same shapes and dtype."""
+
+    def __init__(self, layers: list[tuple[int, int]], max_rows: int, dtype=torch.float32):
+        gen = torch.Generator().manual_seed(0)
+
+        def rand(*shape: int) -> Tensor:
+            return torch.randn(shape, generator=gen, dtype=dtype)
+
+        # Per layer: input rows x, weight W, bias b, output gradient g.
+        self.tensors = [
+            (rand(max_rows, n_in), rand(n_out, n_in), rand(n_out), rand(max_rows, n_out))
+            for n_in, n_out in layers
+        ]
+
+    def run(self, calls: list[tuple[int, bool, bool]]) -> None:
+        for rows, taped, input_grad in calls:
+            for i, (x, w, b, g) in enumerate(self.tensors):
+                F.linear(x[:rows], w, b)  # forward: addmm(b, x, W^T), as the policy calls it
+                if taped:
+                    x[:rows].t().mm(g[:rows])  # weight gradient, as addmm's backward forms it
+                    if i > 0 or input_grad:
+                        g[:rows].mm(w)  # input gradient
+
+    def seconds(self, calls: list[tuple[int, bool, bool]], reps: int = 3) -> float:
+        """Best of `reps` wall seconds of `run(calls)` (after one untimed run)."""
+        self.run(calls)
+        best = math.inf
+        for _ in range(reps):
+            start = time.perf_counter()
+            self.run(calls)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+
+def peak_gflops(n: int = PEAK_SIZE, reps: int = 3, dtype=torch.float32) -> float:
+    """GFLOP/s of an n x n x n matmul at the current thread count, best of `reps`."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen, dtype=dtype)
+    b = torch.randn(n, n, generator=gen, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def limit(run: KineticRun, warmup: int, samples: int) -> dict[str, float]:
+    """FLOPs per iteration of `run` after `warmup` (the probe's iterations left out) and its
+    achieved GFLOP/s over those iterations; the matmul rate at its shapes, from `samples`
+    iterations spread over the run whose matmuls are replayed alone; the share of an
+    iteration's time those matmuls alone need (achieved rate over the rate at the shapes)."""
+    probes = set(run.probe_steps)
+    steps = [i for i in range(warmup, len(run.ms)) if i not in probes]
+    calls = {i: run.rows.calls[run.marks[i] : run.marks[i + 1]] for i in steps}
+    counts = {i: run.rows.flops(c) for i, c in calls.items()}
+    n = len(steps)
+    result = {k: sum(c[k] for c in counts.values()) / n for k in counts[steps[0]]}
+    result["gflops"] = result["total"] * n / (sum(run.ms[i] for i in steps) / 1e3) / 1e9
+    picked = sorted({steps[round(j * (n - 1) / max(samples - 1, 1))] for j in range(samples)})
+    max_rows = max(rows for i in picked for rows, _, _ in calls[i])
+    replay = MatmulReplay(run.rows.layers, max_rows)
+    seconds = sum(replay.seconds(calls[i]) for i in picked)
+    result["shapes_gflops"] = sum(counts[i]["total"] for i in picked) / seconds / 1e9
+    result["matmul_share"] = result["gflops"] / result["shapes_gflops"]
+    result["matmul_ms"] = result["total"] / result["shapes_gflops"] / 1e6
+    return result
 
 
 # --- torchgfn, in its own process -----------------------------------------------------------
@@ -244,83 +426,145 @@ def chunks(total: int, n: int) -> list[int]:
     return [total // n + (i < total % n) for i in range(n)]
 
 
+def timing(ms: list[float], warmup: int) -> dict[str, float]:
+    """Mean and median ms of the iterations after `warmup`, and their wall seconds in all."""
+    timed = ms[warmup:]
+    return {
+        "mean_ms": statistics.fmean(timed),
+        "median_ms": statistics.median(timed),
+        "total_s": sum(ms) / 1e3,
+    }
+
+
 def benchmark_one(
     ndim: int, height: int, batch_size: int, budget: int, args: argparse.Namespace
 ) -> dict:
-    """Train both for `budget` trajectories in interleaved chunks; time and score them."""
+    """Train every run for `budget` trajectories in interleaved chunks; time and score them.
+
+    kinetic's default run trains in one call of the loop; after each of its chunks, its
+    callback trains the other runs' chunk (in alternating order), outside its timed span."""
     iters = math.ceil(budget / batch_size)
     if iters <= args.warmup:
         raise ValueError(f"budget {budget} gives {iters} iterations, not more than the warm-up")
     extra = tuple(args.override)
-    cfg = kinetic_config(ndim, height, batch_size, iters, args.optim, args.seed, extra)
-    kinetic = KineticRun(cfg)
-    peer = Peer(args.peer_python, cfg, args.threads) if args.peer_python else None
-    kinetic_ms: list[float] = []
+    runs = {
+        name: KineticRun(
+            kinetic_config(ndim, height, batch_size, iters, args.optim, args.seed, extra, monitor)
+        )
+        for name, monitor in MONITORS.items()
+    }
+    main_name, *other_names = runs
+    peer = Peer(args.peer_python, runs[main_name].cfg, args.threads) if args.peer_python else None
     peer_ms: list[float] = []
+    parts = chunks(iters, args.rounds)
+    ends = dict(zip(itertools.accumulate(parts), range(len(parts)), strict=True))
+
+    def others(step: int) -> None:
+        i = ends.get(step)
+        if i is None:
+            return
+        order = [*other_names, "peer"]
+        for who in order if i % 2 == 0 else order[::-1]:
+            if who != "peer":
+                runs[who].train(parts[i])
+            elif peer is not None:
+                peer_ms.extend(peer.train(parts[i]))
+
+    rows = []
     try:
-        for i, n in enumerate(chunks(iters, args.rounds)):
-            # Alternate who goes first, so neither always runs right after the other.
-            order = ("kinetic", "peer") if i % 2 == 0 else ("peer", "kinetic")
-            for who in order:
-                if who == "kinetic":
-                    kinetic_ms += kinetic.train(n)
-                elif peer is not None:
-                    peer_ms += peer.train(n)
-        result = {
-            "grid": f"{height}^{ndim}",
-            "batch": batch_size,
-            "iters": iters,
-            "trajectories": iters * batch_size,
-            "kinetic_ms": statistics.median(kinetic_ms[args.warmup :]),
-            "kinetic_total_s": sum(kinetic_ms) / 1e3,
-            "kinetic_l1": exact_l1(kinetic.task.env, kinetic.log_pf_table()),
-        }
-        # The lookup table reproduces the task's own evaluation (same model, same evaluator).
-        task_l1 = kinetic.task.evaluate(kinetic.step)["l1"]
-        if abs(task_l1 - result["kinetic_l1"]) > 1e-6:
-            raise RuntimeError(f"table L1 {result['kinetic_l1']} != task L1 {task_l1}")
-        if peer is not None:
-            result["peer_ms"] = statistics.median(peer_ms[args.warmup :])
-            result["peer_total_s"] = sum(peer_ms) / 1e3
-            result["peer_l1"] = exact_l1(
-                kinetic.task.env, peer_log_pf_table(peer, kinetic.task.env)
+        runs[main_name].train(iters, pause=others)
+        for name, run in runs.items():
+            l1 = exact_l1(run.task.env, run.log_pf_table())
+            # The lookup table reproduces the task's own evaluation (same model and evaluator).
+            task_l1 = run.task.evaluate(run.step)["l1"]
+            if abs(task_l1 - l1) > 1e-6:
+                raise RuntimeError(f"table L1 {l1} != task L1 {task_l1}")
+            probes = [i for i in run.probe_steps if i >= args.warmup]
+            rows.append(
+                {"variant": name, **timing(run.ms, args.warmup), "l1": l1, "probes": probes}
+                | limit(run, args.warmup, args.limit_samples)
             )
+        if peer is not None:
+            l1 = exact_l1(
+                runs[main_name].task.env, peer_log_pf_table(peer, runs[main_name].task.env)
+            )
+            rows.append({"variant": "torchgfn", **timing(peer_ms, args.warmup), "l1": l1})
     finally:
         if peer is not None:
             peer.close()
-    return result
+    return {
+        "grid": f"{height}^{ndim}",
+        "batch": batch_size,
+        "iters": iters,
+        "trajectories": iters * batch_size,
+        "rows": rows,
+    }
 
 
-def print_table(results: list[dict]) -> None:
-    has_peer = any("peer_ms" in r for r in results)
-    head = f"{'grid':>5} {'batch':>5} {'iters':>6} {'kinetic ms':>10} {'traj/s':>8}"
-    if has_peer:
-        head += f" {'torchgfn ms':>11} {'traj/s':>8} {'speed-up':>8}"
-    head += f" {'kinetic L1':>10}"
-    if has_peer:
-        head += f" {'torchgfn L1':>11}"
-    head += f" {'at traj':>8}"
-    print(head)
+def print_tables(results: list[dict], threads: int, warmup: int, peak: float) -> None:
+    """The speed table, then the limit table."""
+    plural = "s" if threads != 1 else ""
+    print(
+        f"{threads} thread{plural}; ms/iter over the iterations after {warmup} warm-up: mean "
+        "(every one, periodic monitor work included) and median (the typical iteration)"
+    )
+    print(
+        f"{'grid':>5} {'batch':>5} {'iters':>6} {'variant':<21} {'mean ms':>8} {'median ms':>9} "
+        f"{'traj/s':>7} {'probes':>6} {'L1':>7}"
+    )
     for r in results:
-        line = (
-            f"{r['grid']:>5} {r['batch']:>5} {r['iters']:>6} {r['kinetic_ms']:>10.2f}"
-            f" {r['batch'] / r['kinetic_ms'] * 1e3:>8.0f}"
-        )
-        if has_peer:
-            line += (
-                f" {r['peer_ms']:>11.2f} {r['batch'] / r['peer_ms'] * 1e3:>8.0f}"
-                f" {r['peer_ms'] / r['kinetic_ms']:>7.2f}x"
+        for row in r["rows"]:
+            probes = len(row["probes"]) if "probes" in row else "-"
+            print(
+                f"{r['grid']:>5} {r['batch']:>5} {r['iters']:>6} {row['variant']:<21} "
+                f"{row['mean_ms']:>8.2f} {row['median_ms']:>9.2f} "
+                f"{r['batch'] / row['mean_ms'] * 1e3:>7.0f} {probes:>6} {row['l1']:>7.4f}"
             )
-        line += f" {r['kinetic_l1']:>10.4f}"
-        if has_peer:
-            line += f" {r['peer_l1']:>11.4f}"
-        line += f" {r['trajectories']:>8}"
-        print(line)
+        by_name = {row["variant"]: row for row in r["rows"]}
+        base = by_name["kinetic"]
+        for name, row in by_name.items():
+            if name == "kinetic":
+                continue
+            what = "speed-up (torchgfn / kinetic)" if name == "torchgfn" else f"{name} / kinetic"
+            print(
+                f"{'':>5} {'':>5} {'':>6} {what}: mean {row['mean_ms'] / base['mean_ms']:.3f}x, "
+                f"median {row['median_ms'] / base['median_ms']:.3f}x"
+            )
     print("wall time of all iterations (s):", end="")
     for r in results:
-        peer_s = f"/{r['peer_total_s']:.1f}" if "peer_total_s" in r else ""
-        print(f" {r['grid']} b{r['batch']}: {r['kinetic_total_s']:.1f}{peer_s}", end=";")
-    print(" (kinetic/torchgfn)" if has_peer else "")
+        walls = "/".join(f"{row['total_s']:.1f}" for row in r["rows"])
+        print(f" {r['grid']} b{r['batch']}: {walls}", end=";")
+    print(" (" + ", ".join(row["variant"] for row in results[0]["rows"]) + ")")
+
+    print(
+        f"\nThe limit, {threads} thread{plural}, fp32: the MLP's matmuls per iteration, counted "
+        f"from the run's rows (probe iterations left out); a {PEAK_SIZE}^3 matmul runs at "
+        f"{peak:.1f} GFLOP/s here (the peak)"
+    )
+    print(
+        f"{'grid':>5} {'batch':>5} {'variant':<21} {'rows sample':>11} {'rows loss':>9} "
+        f"{'MFLOP/iter':>10} {'GFLOP/s':>8} {'at shapes':>9} {'matmuls ms':>10} "
+        f"{'of matmul rate':>14} {'of peak':>8}"
+    )
+    for r in results:
+        for row in r["rows"]:
+            if "gflops" not in row:
+                continue
+            print(
+                f"{r['grid']:>5} {r['batch']:>5} {row['variant']:<21} {row['sample_rows']:>11.0f} "
+                f"{row['loss_rows']:>9.0f} {row['total'] / 1e6:>10.1f} {row['gflops']:>8.2f} "
+                f"{row['shapes_gflops']:>9.2f} {row['matmul_ms']:>10.3f} "
+                f"{row['matmul_share']:>14.1%} {row['gflops'] / peak:>8.1%}"
+            )
+    print(
+        "rows: through the MLP per iteration, in sampling and in the loss; MFLOP/iter: sampling "
+        "forward + loss forward + loss backward (2 rows in out each, per layer; no input "
+        "gradient for the first layer); GFLOP/s: those FLOPs over the iterations' time; at "
+        "shapes: the GFLOP/s of the same matmuls replayed alone (best of 3, sampled iterations); "
+        "matmuls ms: their time alone in a mean iteration; of matmul rate: GFLOP/s / at shapes "
+        "(the share of the iteration's time its matmuls alone need); of peak: GFLOP/s / the "
+        f"{PEAK_SIZE}^3 matmul's"
+    )
 
 
 # --- profile --------------------------------------------------------------------------------
@@ -356,7 +600,8 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
     run.task.loss_fn = _timed(originals[2], totals, "loss_fn")
     try:
         # Phases: the loop's calls into the task and the optimizer, timed by wrappers; the
-        # rest of the iteration (zero_grad, backward, gradient norm, schedule) by difference.
+        # rest of the iteration (zero_grad, backward, gradient norm, guard, monitors, schedule,
+        # log) by difference.
         task_loss = run.task.loss
         run.task.loss = _timed(task_loss, totals, "task.loss")
         step_start: list[float] = []
@@ -377,7 +622,7 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
             run.task.loss = task_loss
             for hook in hooks:
                 hook.remove()
-        totals["backward, norm, schedule"] = wall - totals["task.loss"] - totals["optimizer step"]
+        totals["backward, guard, monitors"] = wall - totals["task.loss"] - totals["optimizer step"]
         # Mean trajectory length of fresh samples (non-exit actions), for context.
         with torch.no_grad():
             batch = originals[0](run.task.model, run.task.env, 256, run.task.generator)
@@ -393,7 +638,7 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
             "sample_trajectories",
             "trajectory_log_probs",
             "loss_fn",
-            "backward, norm, schedule",
+            "backward, guard, monitors",
             "optimizer step",
         ):
             indent = (
@@ -441,7 +686,9 @@ def main() -> None:
         + ", ".join(f"{b}={n}" for b, n in DEFAULT_BUDGETS.items())
         + "; other batch sizes: 2000 iterations)",
     )
-    parser.add_argument("--warmup", type=int, default=20, help="iterations left out of medians")
+    parser.add_argument(
+        "--warmup", type=int, default=20, help="iterations left out of means and medians"
+    )
     parser.add_argument("--rounds", type=int, default=10, help="interleaved chunks per run")
     parser.add_argument("--optim", default="adamw", help="kinetic's optim config group")
     parser.add_argument(
@@ -450,6 +697,9 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="extra Hydra override for kinetic's config (repeatable), e.g. +optim.fused=true",
+    )
+    parser.add_argument(
+        "--limit-samples", type=int, default=16, help="iterations replayed for the matmul rate"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -494,12 +744,19 @@ def main() -> None:
         )
     if args.override:
         print(f"kinetic config overrides: {' '.join(args.override)}")
+    monitor = MonitorConfig.from_dict(
+        kinetic_config(2, 8, 16, 1, args.optim, 0, tuple(args.override)).monitor
+    )
     print(
         f"TB, MLP 256x2, P_B on the shared trunk, {args.optim} lr 1e-3 + log Z lr 0.1 (constant), "
-        f"on-policy; median ms/iter after {args.warmup} warm-up iterations, {args.rounds} "
-        "interleaved chunks; exact L1 = sum|p - p*| in [0, 2] after the budget",
+        f"on-policy, {args.rounds} interleaved chunks; exact L1 = sum|p - p*| in [0, 2] after the "
+        f"budget. kinetic: `python train.py`'s monitor=default (non-finite guard "
+        f"{'on' if monitor.nonfinite else 'off'}, per-step signals on steps k-1 and k of every "
+        f"k={monitor.every}, sharpness probe every {monitor.sharpness_every} steps), log_every, "
+        "clip_grad_norm as configured; kinetic monitors off: monitor=off",
         flush=True,
     )
+    peak = peak_gflops()
 
     results = []
     for grid in args.grids:
@@ -514,7 +771,7 @@ def main() -> None:
                 flush=True,
             )
     print()
-    print_table(results)
+    print_tables(results, torch.get_num_threads(), args.warmup, peak)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"load average at end {load}")
 

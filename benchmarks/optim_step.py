@@ -1,12 +1,23 @@
-"""Time of one optimizer `step()`: every VRAdam implementation against torch's fused AdamW.
+"""Time of one optimizer `step()`: every VRAdam implementation against torch's fused AdamW, and
+the bandwidth each achieves against a copy and an in-place pass measured in the same run.
 
 Models of fp32 parameters spread over a few hundred tensors (weights and biases of square
 linear layers), gradients fixed. Every optimizer steps the same parameters and keeps its own
 state; they are timed in interleaved rounds so that drift in the machine's speed hits all of
-them alike, and the table gives the median time per step, the bandwidth it achieves (the bytes
-the step must move, from BYTES below, over its time) and its ratio to fused AdamW measured in the
-same run. On the CPU a plain copy of AdamW's byte count is timed in the same rounds, as the
-machine's attainable bandwidth. Run:
+them alike. Two passes over AdamW's byte count are timed in the same rounds as the machine's
+attainable bandwidth: "copy", a `Tensor.copy_` (14 bytes per parameter read, 14 written to
+other memory), and "in-place", a `mul_(1)` that reads and writes the same 14 bytes, as an
+optimizer updates theta, m and v where they are (a copy's destination is also read into the
+cache before it is written, which the in-place pass does not pay, so on a CPU it is the faster
+and the fairer ceiling, and an optimizer can exceed 100% of the copy). Per optimizer the
+table gives the median time per step over the rounds (a step does the same work every time,
+so there is no periodic work for a mean to show), the bytes per parameter it must move (BYTES
+below, as docs/performance.md derives them: 28 for AdamW and lagged Triton VRAdam, 32 for
+lagged fused VRAdam, 36 for exact VRAdam, 40 for fused `velocity="precond"`), the GB/s it
+achieves (those bytes over its time), that bandwidth's fraction of the copy's and of the
+in-place pass's, and its time
+against fused AdamW's. CPU runs use each `--threads` count in turn (default 1 and 2, printed
+per row); CUDA times the device. Run:
 
     python benchmarks/optim_step.py --threads 1                # CPU: 1M and 10M parameters
     python benchmarks/optim_step.py --device cuda              # 10M, 100M, 1B parameters
@@ -95,15 +106,20 @@ def _clock(device: str) -> Callable[[], float]:
 
 def time_steps(
     names: list[str], n_params: int, n_tensors: int, rounds: int, steps: int, device: str
-) -> dict[str, float]:
-    """Median seconds per step of each optimizer (and of "copy", the bandwidth probe)."""
+) -> tuple[dict[str, float], int]:
+    """Median seconds per step of each optimizer (and of "copy" and "in-place", the bandwidth
+    probes), and the
+    number of parameters stepped."""
     params = make_params(n_params, n_tensors, device)
     optimizers = {name: OPTIMIZERS[name](params) for name in names}
     n = sum(p.numel() for p in params)
-    src = torch.empty(BYTES[BASELINE] // 8 * n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)  # copy_: reads and writes 14 bytes per parameter, 28 in all
+    # Each probe reads and writes half of AdamW's bytes per parameter: 3.5 floats per parameter
+    # (ones: no denormals or NaNs in the multiply, and mul_(1) keeps them ones).
+    src = torch.ones(BYTES[BASELINE] * n // 8, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
     tasks: dict[str, Callable[[], object]] = {name: opt.step for name, opt in optimizers.items()}
     tasks["copy"] = lambda: dst.copy_(src)
+    tasks["in-place"] = lambda: src.mul_(1.0)
     for task in tasks.values():  # create the state, compile kernels; first steps allocate
         for _ in range(3):
             task()
@@ -115,7 +131,7 @@ def time_steps(
             for _ in range(steps):
                 task()
             samples[name].append((now() - start) / steps)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: statistics.median(s) for name, s in samples.items()}, n
 
 
 def main() -> None:
@@ -137,21 +153,26 @@ def main() -> None:
     threads = args.threads if args.device == "cpu" else [torch.get_num_threads()]
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {where}, fp32, {args.tensors} tensors, "
-          f"median of {args.rounds} interleaved rounds")  # fmt: skip
-    print(f"{'params':>7} {'threads':>7} {'optimizer':<22} {'ms/step':>9} {'GB/s':>7} "
-          f"{'x adamw-fused':>13}")  # fmt: skip
+          f"median of {args.rounds} interleaved rounds; GB/s = bytes/param x params / time, "
+          "of copy / of in-place = that over the copy's / the in-place pass's GB/s in the same "
+          "run")  # fmt: skip
+    print(f"{'params':>7} {'threads':>7} {'optimizer':<22} {'ms/step':>9} {'B/param':>7} "
+          f"{'GB/s':>7} {'of copy':>7} {'of in-place':>11} {'x adamw-fused':>13}")  # fmt: skip
     for size in args.sizes or sizes:
         n_params = int(size)
         steps = max(1, int((2e9 if args.device == "cuda" else 2e7) // n_params))
         for t in threads:
             torch.set_num_threads(t)
-            medians = time_steps(names, n_params, args.tensors, args.rounds, steps, args.device)
-            for name in [*names, "copy"]:
-                bytes_moved = BYTES.get(name, BYTES[BASELINE]) * n_params
-                gbs = bytes_moved / medians[name] / 1e9
+            medians, n = time_steps(names, n_params, args.tensors, args.rounds, steps, args.device)
+            gbs = {
+                name: BYTES.get(name, BYTES[BASELINE]) * n / m / 1e9 for name, m in medians.items()
+            }
+            for name in [*names, "copy", "in-place"]:
                 ratio = medians[name] / medians[BASELINE]
-                print(f"{n_params / 1e6:>6.0f}M {t:>7} {name:<22} {medians[name] * 1e3:>9.3f} "
-                      f"{gbs:>7.1f} {ratio:>12.2f}x")  # fmt: skip
+                print(f"{n / 1e6:>6.0f}M {t:>7} {name:<22} {medians[name] * 1e3:>9.3f} "
+                      f"{BYTES.get(name, BYTES[BASELINE]):>7} {gbs[name]:>7.1f} "
+                      f"{gbs[name] / gbs['copy']:>7.1%} {gbs[name] / gbs['in-place']:>11.1%} "
+                      f"{ratio:>12.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

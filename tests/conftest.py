@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: the devices it runs on.
+"""Fixtures shared by the whole suite: the devices it runs on, and the benchmark scripts as
+modules.
 
 A test that takes the `device` fixture runs once per device: ``cpu`` always, ``cuda`` and
 ``mps`` when this machine has them and skipped, with the reason, when it does not. So the
@@ -8,8 +9,15 @@ same suite is the GPU suite: on a CUDA machine ``pytest -m device`` (or
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 DEVICE_PARAMS = ("cpu", "cuda", "mps")
 
@@ -39,3 +47,17 @@ def device(request) -> torch.device:
     if reason is not None:
         pytest.skip(reason)
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark() -> Callable[[str], ModuleType]:
+    """`load_benchmark("name")`: benchmarks/name.py imported as a module (the scripts are not a
+    package), to test their parts."""
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

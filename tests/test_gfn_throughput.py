@@ -1,0 +1,60 @@
+"""benchmarks/gfn_throughput.py's FLOP count: the rows it records and the FLOPs it derives from
+them match a closed form and torch's own FLOP counter, and its matmul replay does that work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gfn.policies import MLPPolicy
+
+
+@pytest.fixture(scope="module")
+def bench(load_benchmark):
+    return load_benchmark("gfn_throughput")
+
+
+def test_flops_of_a_hand_built_case_match_the_closed_form(bench):
+    """Layers 3->5, 5->5, 5->7 (4 forward, 3 backward logits): per row 2(15 + 25 + 35) = 150
+    FLOPs forward; a taped row adds 150 for the weight gradients and 2(25 + 35) = 120 for the
+    input gradients (none for the first layer, whose input needs none)."""
+    torch.manual_seed(0)
+    policy = MLPPolicy(n_features=3, n_actions=4, hidden=5, n_layers=2, backward="learned")
+    counter = bench.RowCounter(policy)
+    assert counter.layers == [(3, 5), (5, 5), (5, 7)]
+    with torch.inference_mode():
+        policy(torch.randn(4, 3))  # sampling: 4 rows, no autograd
+        policy(torch.randn(2, 3))
+    policy(torch.randn(6, 3)).pf_logits.sum().backward()  # the loss: 6 rows
+    with counter.paused():
+        policy(torch.randn(100, 3))  # not recorded
+    assert counter.calls == [(4, False, False), (2, False, False), (6, True, False)]
+    flops = counter.flops(counter.calls)
+    assert flops["sample_rows"] == 6 and flops["loss_rows"] == 6
+    assert flops["sample"] == 6 * 150
+    assert flops["loss_fwd"] == 6 * 150
+    assert flops["loss_bwd"] == 6 * (150 + 120)
+    assert flops["total"] == 6 * 150 + 6 * 150 + 6 * 270
+    # An input that needs a gradient adds the first layer's input gradient: 2 * 15 per row.
+    counter.calls.clear()
+    policy(torch.randn(6, 3, requires_grad=True)).pf_logits.sum().backward()
+    assert counter.flops(counter.calls)["loss_bwd"] == 6 * (150 + 150)
+
+
+def test_flops_of_a_training_iteration_match_torch_flop_counter(bench):
+    """A real iteration (sample, trajectory-balance loss, backward) of a small HyperGrid task:
+    the FLOPs derived from the recorded rows are those torch counts for every matmul run."""
+    cfg = bench.kinetic_config(2, 4, 8, 1, "adamw", 0, ("model.hidden=16",))
+    run = bench.KineticRun(cfg)
+    with FlopCounterMode(display=False) as counted:
+        loss, _ = run.task.loss(1)
+        loss.backward()
+    flops = run.rows.flops(run.rows.calls)
+    assert flops["sample_rows"] > 0 and flops["loss_rows"] > 0
+    assert flops["total"] == counted.get_total_flops()
+    # The replay runs exactly those matmuls.
+    replay = bench.MatmulReplay(run.rows.layers, max(r for r, _, _ in run.rows.calls))
+    with FlopCounterMode(display=False) as replayed:
+        replay.run(run.rows.calls)
+    assert replayed.get_total_flops() == flops["total"]
