@@ -98,6 +98,12 @@ def test_eta_ratio_is_against_the_lr_of_the_same_step(tmp_path):
     ("override", "message"),
     [
         ("optim.lr=-1", "error: optim=vradam: Invalid lr: -1; expected a float in (0, inf)"),
+        ("optim.lr=abc", "error: optim=vradam: Invalid lr: 'abc'; expected a float in (0, inf)"),
+        (
+            "optim=adamw optim.betas=[0.9]",
+            "error: optim=adamw: Invalid betas: [0.9]; expected a pair [beta1, beta2] of floats "
+            "in [0, 1)",
+        ),
         ("loss.name=foo", "error: Unknown loss.name: 'foo'; valid: tb, db, subtb, zvar, fm, mdb"),
         ("precision=fp64", "error: Invalid precision: 'fp64'; expected one of fp32, bf16, fp16"),
         (
@@ -107,8 +113,9 @@ def test_eta_ratio_is_against_the_lr_of_the_same_step(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
-    done = _train(f"hydra.run.dir={tmp_path}", override)
+    done = _train(f"hydra.run.dir={tmp_path}", *override.split())
     assert done.returncode == 2
+    assert "Traceback" not in done.stderr
     assert done.stderr.strip() == message
 
 
