@@ -148,6 +148,11 @@ CASES = [
     ),
     (["optim=sgdp", "optim.lr=0"], "notes",
      "optim=sgdp: Invalid lr: 0; expected a float in (0, inf)"),
+    (
+        ["task.name=nowhere.Task"], "run",
+        "...Unknown task: 'nowhere.Task'; not registered, and not importable (No module named "
+        "'nowhere'); available: gfn, ddpm",
+    ),
     # Unknown options and keys: Hydra's message, our exit code.
     (["optim=nope"], "run", "...In 'config': Could not find 'optim/nope'"),
     (["train.foo=1"], "run", "...Could not override 'train.foo'."),
