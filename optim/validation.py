@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = ["check_adam", "check_betas", "check_choice", "check_float", "check_lr"]
+__all__ = ["check_adam", "check_betas", "check_bool", "check_choice", "check_float", "check_lr"]
 
 
 def check_float(
@@ -61,6 +61,13 @@ def check_adam(lr: float, betas: Sequence[float], eps: float, weight_decay: floa
     check_betas(betas)
     check_float("eps", eps, open_low=True)
     check_float("weight_decay", weight_decay)
+
+
+def check_bool(name: str, value: object) -> None:
+    """`value` is True or False (a string such as ``optim.nesterov=yes`` is refused, not taken
+    as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r}; expected true or false")
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:

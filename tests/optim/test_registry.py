@@ -119,6 +119,7 @@ BAD_VALUES = [
     ("betas", 0.9, "Invalid betas: 0.9; expected a pair [beta1, beta2] of floats in [0, 1)"),
     ("betas", [0.9, "x"], "Invalid betas[1]: 'x'; expected a float in [0, 1)"),
     ("eps", "1e-8x", "Invalid eps: '1e-8x'; expected a float in (0, inf)"),
+    ("nesterov", "yes", "Invalid nesterov: 'yes'; expected true or false"),
 ]
 
 
