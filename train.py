@@ -56,16 +56,23 @@ from kinetic.stability.guard import NonFiniteError
 from kinetic.validate import validate_config
 from optim import build_optimizer
 
+# The environment keys a run's name shows, where its env has them: the size of the task (and
+# for Ising its coupling and temperature), not every reward constant.
+NAMED_ENV_KEYS = ("ndim", "height", "n", "k", "max_nodes", "L", "J", "beta")
+
 
 def describe(cfg: DictConfig) -> str:
-    """A short name for the run, e.g. `hypergrid(ndim=2, height=8) tb vradam seed=0` or
-    `ddpm digits vradam seed=0`."""
+    """A short name for the run, e.g. `hypergrid(ndim=2, height=8) tb vradam seed=0`,
+    `ising(L=3, J=1.0, beta=0.2) tb vradam seed=0`, `ddpm digits vradam seed=0`, or for a
+    task of your own without an environment `my_tasks.LinearFit vradam seed=0`."""
     parts = []
+    if "env" not in cfg:
+        parts.append(cfg.task.name)
     if "data" in cfg:
-        parts += [cfg.task.name, cfg.data.name]
+        parts.append(cfg.data.name)
     if "env" in cfg:
         target = cfg.env._target_.rsplit(".", 1)[-1].lower()
-        keys = [k for k in ("ndim", "height", "n", "k", "max_nodes") if k in cfg.env]
+        keys = [k for k in NAMED_ENV_KEYS if k in cfg.env]
         parts.append(f"{target}({', '.join(f'{k}={cfg.env[k]}' for k in keys)})")
     if "loss" in cfg:
         parts.append(cfg.loss.name)

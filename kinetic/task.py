@@ -3,8 +3,9 @@
 A task (GFlowNet, DDPM, ...) owns its model, makes a batch and its loss, and evaluates. It is
 built from plain objects (an environment and a network; a dataset and a UNet) by its
 constructor, or from a composed config by `from_config(cfg, run_dir)`, which the command line
-calls through `build_task`. A new generative task is one `Task` subclass, one
-`register_task(name, cls)` and one YAML preset under configs/task/.
+calls through `build_task`. A new generative task is one `Task` subclass and one YAML preset
+under configs/task/ whose `task.name` is the class's import path, or a name given to it by
+`register_task(name, cls)` (docs/extending.md, "Adding a task").
 """
 
 from __future__ import annotations
@@ -166,9 +167,22 @@ def register_task(name: str, cls: type[Task] | str) -> None:
 
 
 def task_class(name: str) -> type[Task]:
-    """The class registered under `name`."""
+    """The class registered under `name`; a name with a dot that is not registered is the
+    import path of a `Task` subclass (`my_tasks.LinearFit`), imported and then registered."""
     if name not in TASKS:
-        raise ValueError(f"Unknown task: {name!r}; available: {', '.join(TASKS)}")
+        if not (isinstance(name, str) and "." in name):
+            raise ValueError(f"Unknown task: {name!r}; available: {', '.join(TASKS)}")
+        module, _, attr = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(
+                f"Unknown task: {name!r}; not registered, and not importable ({err}); "
+                f"available: {', '.join(TASKS)}"
+            ) from err
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise TypeError(f"task.name={name} is {cls!r}, not a kinetic.Task subclass")
+        TASKS[name] = cls
     cls = TASKS[name]
     if isinstance(cls, str):
         module, _, attr = cls.partition(":")

@@ -6,7 +6,8 @@ failure is a `ConfigError` whose message names the key, the value and what is va
 ``Invalid train.steps: 0; expected an int >= 1``. `validate_config` runs every group that a
 composed root config holds; the typed schemas call the group functions from their `validate()`.
 
-What is validated elsewhere, by its owner: optimizer hyperparameters (each optimizer's
+What is validated elsewhere, by its owner: the `task` group of a task other than gfn and ddpm
+(its `from_config`), optimizer hyperparameters (each optimizer's
 constructor, refused through `kinetic.errors.refused_arguments`), the `monitor` group
 (`MonitorConfig.from_dict`), environment arguments (the environment's constructor and
 `check_env`), UNet arguments (diffusers' `UNet2DModel`).
@@ -302,13 +303,29 @@ def validate_loss(node: Mapping[str, Any]) -> None:
         check_float("loss.lamda", _get(node, "lamda", 0.9), 0.0)
 
 
+def _lr_schedules(task_name: Any) -> Sequence[str] | None:
+    """The schedules a task other than the built-in ones takes: kinetic.schedule's, unless it
+    defines its own `lr_schedule` (None: its own to check). Refuses a name that is neither
+    registered nor an importable Task."""
+    from kinetic.schedule import SCHEDULES
+    from kinetic.task import Task, task_class
+
+    try:
+        cls = task_class(task_name)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from err
+    return SCHEDULES if cls.lr_schedule is Task.lr_schedule else None
+
+
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Every group of a composed root config that has a range check here (see the module
     docstring for the groups checked by their owners)."""
     check_run_keys(cfg)
     task = _get(cfg, "task") or {}
-    name = check_choice("task.name", _get(task, "name"), ("gfn", "ddpm"))
-    if name == "gfn":
+    name = _get(task, "name")
+    if name not in ("gfn", "ddpm"):  # a registered task, or a Task's import path
+        validate_train(_get(cfg, "train"), _lr_schedules(name))
+    elif name == "gfn":
         from kinetic.schedule import SCHEDULES
 
         validate_gfn_task(task)

@@ -16,17 +16,20 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from optim.adam_state import init_adam_state
 from optim.template import evaluate_closure, gather, hyperparameters
-from optim.validation import check_betas, check_float, check_lr
+from optim.validation import check_betas, check_bool, check_float, check_lr
 
 __all__ = ["SGDP", "AdamP", "adamp", "project_radial", "sgdp"]
 
 
-def _check_common(lr: float, eps: float, weight_decay: float, delta: float, wd_ratio: float):
+def _check_common(
+    lr: float, eps: float, weight_decay: float, delta: float, wd_ratio: float, nesterov: bool
+) -> None:
     check_lr(lr)
     check_float("eps", eps, open_low=True)
     check_float("weight_decay", weight_decay)
     check_float("delta", delta, open_low=True)
     check_float("wd_ratio", wd_ratio, 0.0, 1.0, open_high=False)
+    check_bool("nesterov", nesterov)
 
 
 def project_radial(
@@ -137,7 +140,7 @@ class AdamP(_Projected):
         wd_ratio: float = 0.1,
         nesterov: bool = False,
     ) -> None:
-        _check_common(lr, eps, weight_decay, delta, wd_ratio)
+        _check_common(lr, eps, weight_decay, delta, wd_ratio, nesterov)
         check_betas(betas)
         hyper = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta)
         super().__init__(params, hyper | dict(wd_ratio=wd_ratio, nesterov=nesterov))
@@ -234,7 +237,7 @@ class SGDP(_Projected):
         delta: float = 0.1,
         wd_ratio: float = 0.1,
     ) -> None:
-        _check_common(lr, eps, weight_decay, delta, wd_ratio)
+        _check_common(lr, eps, weight_decay, delta, wd_ratio, nesterov)
         check_float("momentum", momentum, 0.0, 1.0)
         check_float("dampening", dampening, 0.0, 1.0, open_high=False)
         if nesterov and (momentum == 0 or dampening != 0):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from torch.optim.optimizer import ParamsT
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+from optim.validation import check_adam
 
 __all__ = ["AdamW"]
 
@@ -23,12 +26,29 @@ class AdamW(torch.optim.AdamW):
     to the host (``.item()``) every step; the fused kernel keeps the counter on the device, so
     the step neither syncs nor builds tensors from host data, and it is the fastest AdamW on both
     CPU and CUDA. Passing ``foreach`` or ``fused`` explicitly keeps torch's behaviour.
+
+    Its hyperparameters are checked as every other optimizer's here (`optim.validation`), so a
+    bad value gets the same message; one difference from torch: lr=0 is refused. A tensor lr
+    (torch's option for capturable and fused steps) is left to torch to check.
     """
 
     def __init__(
-        self, params: ParamsT, *args, foreach: bool | None = None, fused: bool | None = None, **kw
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        **kw,
     ) -> None:
+        check_adam(1.0 if isinstance(lr, Tensor) else lr, betas, eps, weight_decay)
         params = list(params)
         if fused is None and foreach is None:
             fused = _fusable(params)
-        super().__init__(params, *args, foreach=foreach, fused=fused, **kw)
+        super().__init__(
+            params, lr, tuple(betas), eps, weight_decay, amsgrad, foreach=foreach, fused=fused, **kw
+        )

@@ -15,7 +15,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from optim.adam_state import init_adam_state
 from optim.template import evaluate_closure, gather, hyperparameters
-from optim.validation import check_betas, check_float, check_lr
+from optim.validation import check_adam
 
 __all__ = ["KAdam", "is_stable", "kadam"]
 
@@ -83,10 +83,7 @@ class KAdam(Optimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
-        check_float("eps", eps, open_low=True)
-        check_float("weight_decay", weight_decay)
+        check_adam(lr, betas, eps, weight_decay)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"Invalid k: {k!r}; expected an int >= 1")
         if not is_stable(betas):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch.optim import Optimizer
@@ -48,8 +48,9 @@ def build_optimizer(cfg: Mapping[str, Any], params: Iterable) -> Optimizer:
         factory = _import(name)
     if factory is None:
         raise ValueError(f"Unknown optimizer: {name!r}; available: {', '.join(sorted(OPTIMIZERS))}")
-    if "betas" in cfg:
-        cfg["betas"] = tuple(cfg["betas"])
+    betas = cfg.get("betas")
+    if isinstance(betas, Sequence) and not isinstance(betas, str):  # others: the factory refuses
+        cfg["betas"] = tuple(betas)
     try:
         return factory(params, **cfg)
     except TypeError as err:

@@ -18,7 +18,7 @@ from optim import vradam_triton
 from optim.adam_state import init_adam_state
 from optim.sharding import local_shards
 from optim.template import evaluate_closure, gradients
-from optim.validation import check_betas, check_choice, check_float, check_lr
+from optim.validation import check_adam, check_choice, check_float
 from optim.velocity import (
     NORM_SOURCES,
     NORM_TIMINGS,
@@ -141,12 +141,9 @@ class VRAdam(Optimizer):
         maximize: bool = False,
         impl: str = "auto",
     ) -> None:
-        check_lr(lr)
-        check_betas(betas)
+        check_adam(lr, betas, eps, weight_decay)
         check_float("beta3", beta3)
         check_float("lr_cutoff", lr_cutoff)
-        check_float("eps", eps, open_low=True)
-        check_float("weight_decay", weight_decay)
         check_options(norm, norm_source, velocity, norm_timing)
         check_choice("impl", impl, IMPLEMENTATIONS)
         gate = dict(lr=lr, betas=tuple(betas), beta3=beta3, lr_cutoff=lr_cutoff)

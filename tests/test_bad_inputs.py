@@ -134,7 +134,25 @@ CASES = [
         ["optim.betas=[0.9,1.5]"], "notes",
         "optim=vradam: Invalid betas[1]: 1.5; expected a float in [0, 1)",
     ),
-    (["optim=adamw", "optim.lr=-1"], "notes", "optim=adamw: Invalid learning rate: -1"),
+    (
+        ["optim=adamw", "optim.lr=-1"], "notes",
+        "optim=adamw: Invalid lr: -1; expected a float in (0, inf)",
+    ),
+    (
+        ["optim=adamw", "optim.betas=[0.9]"], "notes",
+        "optim=adamw: Invalid betas: [0.9]; expected a pair [beta1, beta2] of floats in [0, 1)",
+    ),
+    (
+        ["optim=kadam", "optim.lr=abc"], "notes",
+        "optim=kadam: Invalid lr: 'abc'; expected a float in (0, inf)",
+    ),
+    (["optim=sgdp", "optim.lr=0"], "notes",
+     "optim=sgdp: Invalid lr: 0; expected a float in (0, inf)"),
+    (
+        ["task.name=nowhere.Task"], "run",
+        "...Unknown task: 'nowhere.Task'; not registered, and not importable (No module named "
+        "'nowhere'); available: gfn, ddpm",
+    ),
     # Unknown options and keys: Hydra's message, our exit code.
     (["optim=nope"], "run", "...In 'config': Could not find 'optim/nope'"),
     (["train.foo=1"], "run", "...Could not override 'train.foo'."),

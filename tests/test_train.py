@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,10 +97,44 @@ def test_eta_ratio_is_against_the_lr_of_the_same_step(tmp_path):
     assert all(0 < r <= 1 + 1e-6 for r in ratios), ratios
 
 
+def test_an_ising_run_is_named_by_its_lattice_coupling_and_temperature(tmp_path):
+    done = _train(f"hydra.run.dir={tmp_path}", "env=ising", "env.L=2", "env.beta=0.3",
+                  "train.steps=2", "train.eval_every=2")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary.startswith("done: ising(L=2, J=1.0, beta=0.3) tb vradam seed=0 l1=")
+
+
+ENV_PRESETS = sorted(p.stem for p in (ROOT / "configs" / "env").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", ENV_PRESETS)
+def test_every_env_preset_names_its_parameters_in_the_run_name(preset):
+    """The `done:` line's name of a run on each preset, from the composed config: the values
+    the preset file sets, in `key=value` form (never an empty `name()`)."""
+    describe = runpy.run_path(str(ROOT / "train.py"), run_name="train")["describe"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"env={preset}"])
+    name = describe(cfg).split(" ")[0]
+    target = cfg.env._target_.rsplit(".", 1)[-1].lower()
+    assert name.startswith(f"{target}(") and not name.endswith("()"), name
+    raw = OmegaConf.load(ROOT / "configs" / "env" / f"{preset}.yaml")
+    preset_env = raw.get("env", raw)  # graphs.yaml is a _global_ package
+    for part in name[len(target) + 1 : -1].split(", "):
+        key, value = part.split("=")
+        assert str(preset_env[key]) == value
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("optim.lr=-1", "error: optim=vradam: Invalid lr: -1; expected a float in (0, inf)"),
+        ("optim.lr=abc", "error: optim=vradam: Invalid lr: 'abc'; expected a float in (0, inf)"),
+        (
+            "optim=adamw optim.betas=[0.9]",
+            "error: optim=adamw: Invalid betas: [0.9]; expected a pair [beta1, beta2] of floats "
+            "in [0, 1)",
+        ),
         ("loss.name=foo", "error: Unknown loss.name: 'foo'; valid: tb, db, subtb, zvar, fm, mdb"),
         ("precision=fp64", "error: Invalid precision: 'fp64'; expected one of fp32, bf16, fp16"),
         (
@@ -107,8 +144,9 @@ def test_eta_ratio_is_against_the_lr_of_the_same_step(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, override, message):
-    done = _train(f"hydra.run.dir={tmp_path}", override)
+    done = _train(f"hydra.run.dir={tmp_path}", *override.split())
     assert done.returncode == 2
+    assert "Traceback" not in done.stderr
     assert done.stderr.strip() == message
 
 

@@ -203,3 +203,28 @@ def test_range_check_edges():
     assert check_float("x", float("inf"), 0.0, float("inf")) == float("inf")
     with pytest.raises(ConfigError, match=re.escape("Invalid x: 0; expected a float in (0, 1)")):
         check_float("x", 0.0, 0.0, 1.0, low_open=True, high_open=True)
+
+
+def test_a_task_of_ones_own_has_its_train_keys_checked_and_its_name_resolved(monkeypatch):
+    """A registered task other than gfn and ddpm: `train` is checked, the schedule against
+    kinetic.schedule's names (the base `Task.lr_schedule`'s) unless the task has its own."""
+    from kinetic.task import TASKS, Task
+
+    class Plain(Task):  # the base's lr_schedule
+        pass
+
+    class Own(Task):
+        def lr_schedule(self, optimizer, config):
+            raise AssertionError("not called by validation")
+
+    monkeypatch.setitem(TASKS, "plain", Plain)
+    monkeypatch.setitem(TASKS, "own", Own)
+    train = {"steps": 10, "log_every": 1, "eval_every": 0, "lr_schedule": "step"}
+    with pytest.raises(ConfigError, match=r"^Unknown train\.lr_schedule: 'step'; valid: "):
+        validate_config({"task": {"name": "plain"}, "train": train})
+    validate_config({"task": {"name": "own"}, "train": train})  # its own schedules
+    with pytest.raises(ConfigError, match=r"^Invalid train\.steps: 0; expected an int >= 1$"):
+        validate_config({"task": {"name": "own"}, "train": {**train, "steps": 0}})
+    message = "Unknown task: 'nope'; available: "
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        validate_config({"task": {"name": "nope"}, "train": train})

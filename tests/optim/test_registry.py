@@ -108,3 +108,39 @@ def test_every_name_is_listed_when_one_is_unknown():
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         build_optimizer({"name": "adam"}, _params())
+
+
+BAD_VALUES = [
+    ("lr", "abc", "Invalid lr: 'abc'; expected a float in (0, inf)"),
+    ("lr", 0, "Invalid lr: 0; expected a float in (0, inf)"),
+    ("lr", True, "Invalid lr: True; expected a float in (0, inf)"),
+    ("weight_decay", float("nan"), "Invalid weight_decay: nan; expected a float in [0, inf)"),
+    ("betas", [0.9], "Invalid betas: [0.9]; expected a pair [beta1, beta2] of floats in [0, 1)"),
+    ("betas", 0.9, "Invalid betas: 0.9; expected a pair [beta1, beta2] of floats in [0, 1)"),
+    ("betas", [0.9, "x"], "Invalid betas[1]: 'x'; expected a float in [0, 1)"),
+    ("eps", "1e-8x", "Invalid eps: '1e-8x'; expected a float in (0, inf)"),
+    ("nesterov", "yes", "Invalid nesterov: 'yes'; expected true or false"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "value", "message"),
+    [
+        (name, *case)
+        for name in sorted(OPTIMIZERS)
+        for case in BAD_VALUES
+        if case[0] in _composed(name)  # a key its config lacks is not its hyperparameter
+    ],
+)
+def test_every_optimizer_refuses_a_bad_value_with_the_shared_message(name, key, value, message):
+    """Built from its own config with one value replaced, as `optim.<key>=<value>` does (a list
+    arrives as OmegaConf's ListConfig)."""
+    cfg = _composed(name)
+    cfg[key] = OmegaConf.create({"v": value})["v"]
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_optimizer(cfg, _params())
+
+
+def test_adamw_keeps_torchs_tensor_lr():
+    lr = torch.tensor(1e-3)
+    assert build_optimizer({"name": "adamw", "lr": lr}, _params()).param_groups[0]["lr"] is lr
