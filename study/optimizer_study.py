@@ -59,7 +59,15 @@ class StudyTask:
     probe_every: int  # steps between sharpness probes (the stability figure)
     robust_lrs: tuple[float, ...] = ()  # aggressive learning rates run on the held-out seeds
     heldout_overrides: tuple[str, ...] | None = None
+    # A finished run that failed to learn: L1 >= 1.5 (over three quarters of the mass in the
+    # wrong place), a test Spearman <= 0, an FD ratio >= 10. Counted beside diverged runs.
+    collapse: float = math.nan
     curve: str = ""  # the TensorBoard tag drawn over training (default: eval/<metric>)
+
+    def collapsed(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return value >= self.collapse if self.lower_is_better else value <= self.collapse
 
     def phase_overrides(self, phase: str) -> tuple[str, ...]:
         if phase == "heldout" and self.heldout_overrides is not None:
@@ -73,29 +81,30 @@ TASKS: dict[str, StudyTask] = {
     "hypergrid_2d": StudyTask(
         ("env=hypergrid", "env.ndim=2", "env.height=8", "train.steps=1000", "train.eval_every=100"),
         "l1", True, "HyperGrid 8x8, trajectory balance, exact L1", "trajectories", 250,
-        GFN_ROBUST_LRS,
+        GFN_ROBUST_LRS, collapse=1.5,
     ),
     # The VRAdam paper's GFlowNet setting: flow matching on a grid.
     "hypergrid_fm": StudyTask(
         ("env=hypergrid", "env.ndim=2", "env.height=8", "loss=fm", "train.steps=1000",
          "train.eval_every=100"),
         "l1", True, "HyperGrid 8x8, flow matching, exact L1", "trajectories", 250, GFN_ROBUST_LRS,
+        collapse=1.5,
     ),
     "hypergrid_4d": StudyTask(
         ("env=hypergrid", "env.ndim=4", "env.height=8", "train.steps=1500", "train.eval_every=150"),
         "l1", True, "HyperGrid 8^4, trajectory balance, exact L1", "trajectories", 250,
-        GFN_ROBUST_LRS,
+        GFN_ROBUST_LRS, collapse=1.5,
     ),
     "bitseq": StudyTask(
         ("env=bitseq", "train.steps=1000", "train.eval_every=100"),
         "spearman_test", False, "Bit sequences n=32 k=4, test Spearman", "trajectories", 250,
-        GFN_ROBUST_LRS,
+        GFN_ROBUST_LRS, collapse=0.0,
     ),
     # Tuned on 1,000-step runs (a third of the default run), reported on the default run.
     "ddpm": StudyTask(
         ("task=ddpm", "train.steps=1000", "train.warmup_steps=100", "train.eval_every=1000"),
         "fd_ratio", True, "DDPM digits, FD ratio", "images", 500, (),
-        heldout_overrides=("task=ddpm",),
+        heldout_overrides=("task=ddpm",), collapse=10.0,
     ),
 }  # fmt: skip
 
@@ -305,13 +314,15 @@ def verdict(interval: dict[str, float], lower_is_better: bool) -> str:
     return "win" if better_side else "loss" if worse_side else "tie"
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
+def _mean_std(values: list[float], spec: StudyTask) -> dict[str, float]:
+    """Mean and std of the finite values; the runs that diverged and that collapsed, counted."""
     finite = [v for v in values if math.isfinite(v)]
     return {
         "mean": statistics.fmean(finite) if finite else float("nan"),
         "std": statistics.stdev(finite) if len(finite) > 1 else 0.0 if finite else float("nan"),
         "n": len(values),
         "diverged": len(values) - len(finite),
+        "collapsed": sum(spec.collapsed(v) for v in finite),
     }
 
 
@@ -355,20 +366,29 @@ def summarise(runs: list[Run]) -> dict:
                     "values": list(grid.values),
                 },
                 "tuning": [
-                    {"lr": c[0], "value": c[1], "values": v, **_mean_std(v)}
+                    {"lr": c[0], "value": c[1], "values": v, **_mean_std(v, spec)}
                     for c, v in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
                 ],
                 "chosen": {"lr": lr, "value": value},
-                "heldout": {"seeds": list(HELDOUT_SEEDS), "values": chosen, **_mean_std(chosen)},
+                "heldout": {
+                    "seeds": list(HELDOUT_SEEDS),
+                    "values": chosen,
+                    **_mean_std(chosen, spec),
+                },
                 "robustness": [
                     {
                         "lr": rlr,
                         "values": [heldout[rlr].get(s, float("nan")) for s in HELDOUT_SEEDS],
-                        **_mean_std([heldout[rlr].get(s, float("nan")) for s in HELDOUT_SEEDS]),
+                        **_mean_std(
+                            [heldout[rlr].get(s, float("nan")) for s in HELDOUT_SEEDS], spec
+                        ),
                     }
                     for rlr in sorted(heldout)
                 ],
             }
+            gate = _gate([r for r in cell if r.phase == "heldout" and r.config == (lr, value)])
+            if gate:
+                entry["optimizers"][optimizer]["gate"] = gate
         base = entry["optimizers"].get(BASELINE)
         for optimizer, result in entry["optimizers"].items():
             if base is None or optimizer == BASELINE:
@@ -384,6 +404,18 @@ def summarise(runs: list[Run]) -> dict:
         "heldout_seeds": list(HELDOUT_SEEDS),
         "tasks": tasks,
     }
+
+
+GATE_TAG = "stability/eta_ratio"  # VRAdam's eta_t / alpha_0, logged every log_every steps
+
+
+def _gate(runs: list[Run]) -> dict[str, float]:
+    """How much VRAdam's gate acted over these runs: the median and the smallest logged
+    eta_t / alpha_0 (1 = not gated). Empty for an optimizer without a gate."""
+    values = [v for r in runs for v in _scalars(r.path, GATE_TAG)[1]]
+    if not values:
+        return {}
+    return {"eta_ratio_median": statistics.median(values), "eta_ratio_min": min(values)}
 
 
 def _cpu_name() -> str:
@@ -426,10 +458,12 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 
 def _cell(stats: dict) -> str:
-    text = f"{_num(stats['mean'])} ± {_num(stats['std'], 2)}"
-    if stats["diverged"]:
-        text += f" ({stats['diverged']}/{stats['n']} diverged)"
-    return text
+    std = stats["std"]
+    if std is not None and stats["mean"] is not None and std <= 1e-9 * abs(stats["mean"]):
+        std = 0.0  # equal values up to rounding
+    text = f"{_num(stats['mean'])} ± {_num(std, 2)}"
+    failed = [f"{stats[k]}/{stats['n']} {k}" for k in ("diverged", "collapsed") if stats.get(k)]
+    return text + (f" ({', '.join(failed)})" if failed else "")
 
 
 def _config(task_entry: dict, optimizer: str) -> str:
@@ -470,14 +504,20 @@ def facts(summary: dict) -> dict[str, str]:
             out[f"{prefix}.grid"] = text
             for point in result["robustness"]:
                 out[f"{prefix}.robust.{_fmt(point['lr'])}"] = _cell(point)
-                out[f"{prefix}.diverged.{_fmt(point['lr'])}"] = f"{point['diverged']}/{point['n']}"
+                for kind in ("diverged", "collapsed"):
+                    out[f"{prefix}.{kind}.{_fmt(point['lr'])}"] = f"{point[kind]}/{point['n']}"
+            for key, number in result.get("gate", {}).items():
+                out[f"{prefix}.{key}"] = _num(number)
             if "paired" in result:
                 out[f"{prefix}.diff"] = _interval(result["paired"])
                 out[f"{prefix}.verdict"] = result["paired"]["verdict"]
                 tally[optimizer][result["paired"]["verdict"]] += 1
     for optimizer, counts in tally.items():
-        for name in ("win", "loss", "tie"):
-            out[f"{optimizer}.{name}s"] = str(counts[name])
+        for name, plural in (("win", "wins"), ("loss", "losses"), ("tie", "ties")):
+            out[f"{optimizer}.{plural}"] = str(counts[name])
+    # The GFlowNet robustness sweep's learning rates, lowest to highest.
+    for name, lr in zip(("lr_lo", "lr_mid", "lr_hi"), GFN_ROBUST_LRS, strict=True):
+        out[name] = _num(lr)
     return out
 
 
@@ -718,10 +758,13 @@ def plot(runs: list[Run], summary: dict, figures: Path) -> None:
                 ax.scatter(
                     [p["lr"]] * len(finite), finite, s=6, alpha=0.4, color=_colour(optimizer)
                 )
-                if p["diverged"]:
+                failed = [
+                    f"{p[k]}/{p['n']} {k[:4]}." for k in ("diverged", "collapsed") if p.get(k)
+                ]
+                if failed:
                     y = max(finite) if finite else (means[0] if math.isfinite(means[0]) else 1.0)
                     ax.annotate(
-                        f"{p['diverged']}/{p['n']} div.",
+                        ", ".join(failed),
                         (p["lr"], y),
                         fontsize=7,
                         color=_colour(optimizer),

@@ -93,6 +93,8 @@ def test_summary_chooses_on_tuning_seeds_and_pairs_held_out_seeds(tmp_path):
     assert paired["verdict"] == "win"
     aggressive = {p["lr"]: p for p in entry["adamw"]["robustness"]}[0.1]
     assert aggressive["diverged"] == 2 and aggressive["mean"] == pytest.approx(1.9)
+    assert aggressive["collapsed"] == 3  # L1 1.9 >= 1.5: finished, but learned nothing
+    assert entry["adamw"]["heldout"]["collapsed"] == 0
 
 
 def test_held_out_commands_run_the_tuned_configuration_and_the_aggressive_lrs(tmp_path):
