@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 PANELS = (
     ("stability/update_cos", "cos(u_t, u_{t-1}) (mean per log interval)", "linear"),
     ("stability/eos_ratio", "edge-of-stability ratio (preconditioned)", "log"),
-    ("stability/eta_ratio", "eta_t / alpha_0", "linear"),
+    ("optim/eta_ratio", "eta_t / alpha_0", "linear"),
     ("train/loss", "training loss", "log"),
     ("stability/loss_z", "loss spike z-score (max per log interval)", "symlog"),
     ("eval/l1", "eval L1(p, p*)", "linear"),
@@ -59,7 +59,7 @@ def main() -> None:
                 steps, values = data[tag]
                 style = {"marker": "o", "markersize": 3} if tag == "stability/eos_ratio" else {}
                 ax.plot(steps, values, label=name, color=color, linewidth=0.8, **style)
-            elif tag == "stability/eta_ratio":  # no velocity gate: eta_t is alpha_0
+            elif tag == "optim/eta_ratio":  # no velocity gate: eta_t is alpha_0
                 ax.axhline(1.0, label=f"{name} (no gate)", color=color, linewidth=0.8)
         if tag == "stability/eos_ratio":
             ax.axhline(1.0, color="black", linestyle="--", linewidth=0.7)

@@ -406,7 +406,7 @@ def summarise(runs: list[Run]) -> dict:
     }
 
 
-GATE_TAG = "stability/eta_ratio"  # VRAdam's eta_t / alpha_0, logged every log_every steps
+GATE_TAG = "optim/eta_ratio"  # VRAdam's eta_t / alpha_0, logged every log_every steps
 
 
 def _gate(runs: list[Run]) -> dict[str, float]:

@@ -384,9 +384,10 @@ class StabilityMonitor:
         Over the interval: update_cos (mean), oscillating (share of update pairs, see
         `_interval_signals`), loss_z and grad_norm_z (largest spike scores); at the last
         measured step:
-        sign_flip_frac and update_to_weight (||u_t|| / ||theta_t||), and VRAdam's eta_ratio
-        (eta_t / alpha_0) and velocity_norm (||m_t||, first group). Call it right after
-        `after_step` (the sign flips read the update buffers).
+        sign_flip_frac and update_to_weight (||u_t|| / ||theta_t||). (VRAdam's eta_t / alpha_0
+        and ||m_t|| are the loop's `optim/` scalars, `velocity_scalars`, logged with or without
+        the monitors.) Call it right after `after_step` (the sign flips read the update
+        buffers).
         """
         new = min(self.n_rows - self.n_reported, self.capacity)
         self.n_reported = self.n_rows
@@ -397,11 +398,6 @@ class StabilityMonitor:
         if self.pair_step == self.update_step >= 0:  # both updates still in the buffers
             values.append(self._pair_signals())
             names += ["sign_flip_frac", "update_to_weight"]
-        velocity = {} if self.alpha0 is None else velocity_scalars(self.optimizer, self.alpha0)
-        if velocity:
-            pair = torch.stack([velocity["eta_ratio"], velocity["velocity_norm"]])
-            values.append(pair.to(self.rows.dtype))
-            names += ["eta_ratio", "velocity_norm"]
         if not values:
             return {}
         flat = torch.cat(values).tolist()  # the host sync
