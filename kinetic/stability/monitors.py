@@ -416,7 +416,8 @@ class StabilityMonitor:
                 f"oscillation: the mean cosine of {cfg.oscillation_window} successive updates "
                 f"fell below monitor.oscillation_cos={cfg.oscillation_cos:g} for "
                 f"{values['stability/oscillating']:.0%} of this interval's update pairs "
-                f"(their mean cosine: {values['stability/update_cos']:.3f})"
+                "(mean cosine over all of the interval's pairs: "
+                f"{values['stability/update_cos']:.3f})"
             )))  # fmt: skip
         steps = "1 step" if cfg.spike_steps == 1 else f"{cfg.spike_steps} steps in a row"
         for key, what in (("loss_z", "loss"), ("grad_norm_z", "gradient norm")):

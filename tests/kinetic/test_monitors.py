@@ -269,7 +269,7 @@ def test_warnings_for_oscillation_and_edge_of_stability():
     assert monitor.warnings(100, values) == [
         "oscillation: the mean cosine of 20 successive updates fell below "
         "monitor.oscillation_cos=-0.5 for 50% of this interval's update pairs "
-        "(their mean cosine: -0.800)",
+        "(mean cosine over all of the interval's pairs: -0.800)",
         "edge of stability: sharpness is 1.50x the stability threshold 380",
     ]
 
