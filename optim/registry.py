@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ def build_optimizer(cfg: Mapping[str, Any], params: Iterable) -> Optimizer:
         factory = _import(name)
     if factory is None:
         raise ValueError(f"Unknown optimizer: {name!r}; available: {', '.join(sorted(OPTIMIZERS))}")
+    _check_keys(name, factory, cfg)
     betas = cfg.get("betas")
     if isinstance(betas, Sequence) and not isinstance(betas, str):  # others: the factory refuses
         cfg["betas"] = tuple(betas)
@@ -55,6 +57,28 @@ def build_optimizer(cfg: Mapping[str, Any], params: Iterable) -> Optimizer:
         return factory(params, **cfg)
     except TypeError as err:
         raise TypeError(f"Invalid argument for optimizer {name!r}: {err}") from err
+
+
+def _check_keys(name: str, factory: Callable[..., Optimizer], cfg: Mapping[str, Any]) -> None:
+    """Refuse config keys the factory does not take, naming them and the valid ones (a factory
+    that takes ``**kwargs``, or has no signature, decides for itself)."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = [key for key in cfg if key not in parameters]
+    if unknown:
+        valid = [
+            key
+            for key, p in parameters.items()
+            if key != "params" and p.kind is not p.VAR_POSITIONAL
+        ]
+        raise TypeError(
+            f"Unknown key for optimizer {name!r}: {', '.join(map(str, unknown))}; "
+            f"valid keys: {', '.join(valid)}"
+        )
 
 
 def _import(path: str) -> Callable[..., Optimizer]:

@@ -149,6 +149,11 @@ CASES = [
     (["optim=sgdp", "optim.lr=0"], "notes",
      "optim=sgdp: Invalid lr: 0; expected a float in (0, inf)"),
     (
+        ["optim=sgdp", "+optim.foo=1"], "notes",
+        "optim=sgdp: Unknown key for optimizer 'sgdp': foo; valid keys: lr, momentum, dampening, "
+        "weight_decay, nesterov, eps, delta, wd_ratio",
+    ),
+    (
         ["task.name=nowhere.Task"], "run",
         "...Unknown task: 'nowhere.Task'; not registered, and not importable (No module named "
         "'nowhere'); available: gfn, ddpm",

@@ -42,9 +42,16 @@ def test_unknown_name_lists_the_available_ones():
     assert "vradam" in names and "adamw" in names
 
 
-def test_unknown_argument_names_the_optimizer():
-    with pytest.raises(TypeError, match=r"^Invalid argument for optimizer 'vradam': "):
+def test_unknown_argument_names_the_optimizer_and_its_valid_keys():
+    message = (
+        "Unknown key for optimizer 'vradam': learning_rate; valid keys: lr, betas, beta3, "
+        "lr_cutoff, eps, weight_decay, norm, norm_source, velocity, norm_timing, maximize, impl"
+    )
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
         build_optimizer({"name": "vradam", "learning_rate": 1e-3}, _params())
+    # A factory taking **kwargs decides for itself (AdamW passes its extras to torch's).
+    with pytest.raises(TypeError, match=r"^Invalid argument for optimizer 'adamw': .*'foo'"):
+        build_optimizer({"name": "adamw", "foo": 1}, _params())
 
 
 def test_invalid_value_is_the_optimizers_own_error():
