@@ -24,6 +24,7 @@ may hold no number of their own (`render` refuses one), so the prose cannot drif
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -264,6 +265,19 @@ def metric_value(run: Run) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _per_seed(by_seed: dict[int, float], seeds: tuple[int, ...]) -> list[float]:
+    """Values in the order of `seeds`; a seed without a run counts as diverged (NaN)."""
+    return [by_seed.get(seed, float("nan")) for seed in seeds]
+
+
+def tuning_results(runs: list[Run]) -> dict[tuple[float, float | None], list[float]]:
+    """One cell's tuning runs: each configuration's metric on each tuning seed."""
+    by_config: dict = defaultdict(dict)
+    for r in runs:
+        by_config[r.config][r.seed] = metric_value(r)
+    return {config: _per_seed(values, TUNING_SEEDS) for config, values in by_config.items()}
+
+
 # ---- statistics ----------------------------------------------------------------------------------
 
 
@@ -345,19 +359,14 @@ def summarise(runs: list[Run]) -> dict:
             if not tune:
                 continue
             grid = opt.grids[task]
-            by_config: dict = defaultdict(dict)
-            for r in tune:
-                by_config[r.config][r.seed] = metric_value(r)
-            results = {
-                c: [s.get(seed, float("nan")) for seed in TUNING_SEEDS]
-                for c, s in by_config.items()
-            }
+            results = tuning_results(tune)
             lr, value = choose(results, spec.lower_is_better)
             heldout: dict = defaultdict(dict)
             for r in cell:
                 if r.phase == "heldout" and r.value == value:
                     heldout[r.lr][r.seed] = metric_value(r)
-            chosen = [heldout.get(lr, {}).get(s, float("nan")) for s in HELDOUT_SEEDS]
+            by_lr = {x: _per_seed(heldout[x], HELDOUT_SEEDS) for x in sorted(heldout)}
+            chosen = by_lr.get(lr, _per_seed({}, HELDOUT_SEEDS))
             entry["optimizers"][optimizer] = {
                 "grid": {
                     "lrs": list(grid.lrs),
@@ -376,14 +385,8 @@ def summarise(runs: list[Run]) -> dict:
                     **_mean_std(chosen, spec),
                 },
                 "robustness": [
-                    {
-                        "lr": rlr,
-                        "values": [heldout[rlr].get(s, float("nan")) for s in HELDOUT_SEEDS],
-                        **_mean_std(
-                            [heldout[rlr].get(s, float("nan")) for s in HELDOUT_SEEDS], spec
-                        ),
-                    }
-                    for rlr in sorted(heldout)
+                    {"lr": x, "values": values, **_mean_std(values, spec)}
+                    for x, values in by_lr.items()
                 ],
             }
             gate = _gate([r for r in cell if r.phase == "heldout" and r.config == (lr, value)])
@@ -672,11 +675,18 @@ def collect(args: argparse.Namespace) -> None:
 # ---- figures -------------------------------------------------------------------------------------
 
 
-def _scalars(path: Path, tag: str) -> tuple[list[int], list[float]]:
+@functools.cache
+def _events(path: Path):
+    """A run's TensorBoard events, read once however many tags are drawn from them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(path), size_guidance={"scalars": 0})
     events.Reload()
+    return events
+
+
+def _scalars(path: Path, tag: str) -> tuple[list[int], list[float]]:
+    events = _events(path)
     if tag not in events.Tags()["scalars"]:
         return [], []
     points = events.Scalars(tag)
@@ -880,13 +890,7 @@ def tuning_choice(root: Path, task: str, optimizer: str) -> tuple[float, float |
     ]
     if not runs:
         raise SystemExit(f"error: no tuning runs of {task}/{optimizer} under {root}")
-    by_config: dict = defaultdict(dict)
-    for r in runs:
-        by_config[r.config][r.seed] = metric_value(r)
-    results = {
-        c: [s.get(seed, float("nan")) for seed in TUNING_SEEDS] for c, s in by_config.items()
-    }
-    return choose(results, TASKS[task].lower_is_better)
+    return choose(tuning_results(runs), TASKS[task].lower_is_better)
 
 
 def phase_command(root: Path, task: str, optimizer: str, phase: str) -> list[str]:
