@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from optim.validation import keyword_parameters
+
 __all__ = [
     "EXIT_DIVERGED",
     "EXIT_USER_ERROR",
@@ -70,11 +72,7 @@ def call_with_config(factory: Callable[..., Any], kwargs: Mapping[str, Any], whe
         try:
             signature.bind(**kwargs)
         except TypeError as err:
-            valid = [
-                p.name
-                for p in signature.parameters.values()
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            ]
+            valid = keyword_parameters(signature)
             raise ConfigError(
                 f"{where}: {name} does not accept these keys ({err}); valid keys: "
                 f"{', '.join(valid)}"

@@ -13,6 +13,7 @@ from optim.adahb import AdaHBAdam, AdaHBSGD
 from optim.adamp import SGDP, AdamP
 from optim.adamw import AdamW
 from optim.kadam import KAdam
+from optim.validation import keyword_parameters
 from optim.vradam import VRAdam
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "register_optimizer"]
@@ -63,18 +64,14 @@ def _check_keys(name: str, factory: Callable[..., Optimizer], cfg: Mapping[str, 
     """Refuse config keys the factory does not take, naming them and the valid ones (a factory
     that takes ``**kwargs``, or has no signature, decides for itself)."""
     try:
-        parameters = inspect.signature(factory).parameters
+        signature = inspect.signature(factory)
     except (TypeError, ValueError):
         return
-    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         return
-    unknown = [key for key in cfg if key not in parameters]
+    valid = [key for key in keyword_parameters(signature) if key != "params"]
+    unknown = [key for key in cfg if key not in valid]
     if unknown:
-        valid = [
-            key
-            for key, p in parameters.items()
-            if key != "params" and p.kind is not p.VAR_POSITIONAL
-        ]
         raise TypeError(
             f"Unknown key for optimizer {name!r}: {', '.join(map(str, unknown))}; "
             f"valid keys: {', '.join(valid)}"

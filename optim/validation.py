@@ -8,13 +8,22 @@ x >= high`` so that NaN is rejected too.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = ["check_adam", "check_betas", "check_bool", "check_choice", "check_float", "check_lr"]
+__all__ = [
+    "check_adam",
+    "check_betas",
+    "check_bool",
+    "check_choice",
+    "check_float",
+    "check_lr",
+    "keyword_parameters",
+]
 
 
 def check_float(
@@ -74,3 +83,10 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     """`value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(choices)}")
+
+
+def keyword_parameters(signature: inspect.Signature) -> list[str]:
+    """The parameters of `signature` that a config key can name: those passable by keyword
+    (not ``*args``, ``**kwargs`` or positional-only ones), in order."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [name for name, p in signature.parameters.items() if p.kind in kinds]
