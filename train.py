@@ -35,48 +35,40 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import diffusion.config  # noqa: F401  (registers task=ddpm)
+import gfn.config  # noqa: F401  (registers task=gfn)
 from kinetic import (
     MonitorConfig,
     NullLogger,
     RunLogger,
     Task,
     TrainConfig,
-    build_task,
     distributed,
     train,
 )
 from kinetic.checkpoint import check_run_dir, load_checkpoint, run_identity, start_run_dir
+from kinetic.configure import validate_config
 from kinetic.device import resolve_device
 from kinetic.errors import EXIT_DIVERGED, EXIT_USER_ERROR, ConfigError, refused_arguments
 from kinetic.interrupt import RunInterrupted, StopRequest, resume_command
 from kinetic.logging import config_hparams
 from kinetic.precision import Precision
+from kinetic.registry import TaskSpec, load_task_plugins
 from kinetic.resume import check_world_size, find_resume_checkpoint
 from kinetic.stability.guard import NonFiniteError
-from kinetic.validate import validate_config
 from optim import build_optimizer
 
-# The environment keys a run's name shows, where its env has them: the size of the task (and
-# for Ising its coupling and temperature), not every reward constant.
-NAMED_ENV_KEYS = ("ndim", "height", "n", "k", "max_nodes", "L", "J", "beta")
+# The built-in tasks register themselves on import (gfn/config.py, diffusion/config.py), and
+# installed packages' tasks through the `kinetic.tasks` entry points: all before Hydra composes,
+# so that their presets may name their schemas.
+load_task_plugins()
 
 
-def describe(cfg: DictConfig) -> str:
-    """A short name for the run, e.g. `hypergrid(ndim=2, height=8) tb vradam seed=0`,
-    `ising(L=3, J=1.0, beta=0.2) tb vradam seed=0`, `ddpm digits vradam seed=0`, or for a
-    task of your own without an environment `my_tasks.LinearFit vradam seed=0`."""
-    parts = []
-    if "env" not in cfg:
-        parts.append(cfg.task.name)
-    if "data" in cfg:
-        parts.append(cfg.data.name)
-    if "env" in cfg:
-        target = cfg.env._target_.rsplit(".", 1)[-1].lower()
-        keys = [k for k in NAMED_ENV_KEYS if k in cfg.env]
-        parts.append(f"{target}({', '.join(f'{k}={cfg.env[k]}' for k in keys)})")
-    if "loss" in cfg:
-        parts.append(cfg.loss.name)
-    return " ".join([*parts, cfg.optim.name, f"seed={cfg.seed}"])
+def describe(cfg: DictConfig, spec: TaskSpec) -> str:
+    """A short name for the run: the task's own (`TaskSpec.run_name`, e.g. `hypergrid(ndim=2,
+    height=8) tb` or `ddpm digits`; its name when it has none), the optimizer and the seed."""
+    name = cfg.task.name if spec.run_name is None else spec.run_name(cfg)
+    return f"{name} {cfg.optim.name} seed={cfg.seed}"
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
@@ -89,7 +81,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     is the run recorded and started.
     """
     # 1. Refuse bad values, a run directory holding another run, a missing or foreign checkpoint.
-    validate_config(cfg)
+    spec = validate_config(cfg)
     with refused_arguments(""):  # an unavailable device or unknown precision: one line
         precision = Precision(cfg.precision, resolve_device(cfg.device))
     train_config = TrainConfig(**cfg.train).validate()
@@ -100,8 +92,10 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     distributed.silence_other_ranks()
     main_process = distributed.is_main_process()
     run_dir = Path(distributed.agree(HydraConfig.get().runtime.output_dir))
-    identity = run_identity(cfg)
-    check_run_dir(run_dir, identity, resume=cfg.resume, overwrite=cfg.overwrite)
+    identity = run_identity(cfg, spec.identity, spec.identity_ignore)
+    check_run_dir(
+        run_dir, identity, resume=cfg.resume, overwrite=cfg.overwrite, outputs=spec.outputs
+    )
     found = find_checkpoint_on_main(run_dir, cfg.resume, identity, train_config.keep_checkpoints)
     if found is not None:
         check_world_size(found[1], distributed.world_size())
@@ -112,7 +106,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     np.random.seed(cfg.seed % 2**32)  # every global stream seeded: a run is its config
     random.seed(cfg.seed)
     with refused_arguments(""):
-        task = build_task(cfg, run_dir)
+        task = spec.task_class().from_config(cfg, run_dir)
     with refused_arguments(f"optim={cfg.optim.name}"):
         optimizer = build_optimizer(cfg.optim, task.param_groups())
 
@@ -126,7 +120,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
             print(", ".join(f"{k}={v}" for k, v in batches.items()), flush=True)
     resumed_at = None if cfg.resume is None else (0 if found is None else found[1]["step"])
     if main_process:
-        start_run_dir(run_dir, identity, overwrite=cfg.overwrite)
+        start_run_dir(run_dir, identity, overwrite=cfg.overwrite, outputs=spec.outputs)
         record = run_dir / ".hydra"
         record.mkdir(exist_ok=True)
         (record / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -138,7 +132,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
             run_dir, cfg.train.steps, progress=cfg.logging.progress, resumed_at=resumed_at
         )
         hydra_cfg = HydraConfig.get()  # the HParams tab: this run's overrides and group choices
-        logger.hparams(config_hparams(cfg, hydra_cfg.overrides.task, hydra_cfg.runtime.choices))
+        choices = hydra_cfg.runtime.choices
+        logger.hparams(config_hparams(cfg, hydra_cfg.overrides.task, choices, spec.hparams))
     else:
         logger = NullLogger()
     try:
@@ -156,7 +151,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     if main_process:
         summary = " ".join(f"{k}={metrics[k]:.4g}" for k in task.summary_keys if k in metrics)
         time_s = metrics["wall_time_s"]
-        print(f"done: {describe(cfg)} {summary} time={time_s:.1f}s run_dir={run_dir}")
+        print(f"done: {describe(cfg, spec)} {summary} time={time_s:.1f}s run_dir={run_dir}")
     return metrics, task
 
 

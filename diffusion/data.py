@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
+from diffusion.config import DATASETS, IMAGE_SUFFIXES, validate_image_folder
 from kinetic.errors import ConfigError
-from kinetic.validate import check_int, validate_image_folder
+from kinetic.validate import check_int
 
-DATASETS = ("digits", "folder")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MODES = {1: "L", 3: "RGB"}  # channels -> PIL mode
 DIGITS_MAX = 16.0  # the digits' pixel values are integers in [0, 16]
 

@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
-SAMPLERS = ("ddpm", "ddim")
+from diffusion.config import SAMPLERS
 
 
 def build_sampler(name: str, train_scheduler: DDPMScheduler, steps: int) -> SchedulerMixin:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from diffusion.config import LR_SCHEDULES, EMAConfig
 from diffusion.data import BatchSampler, ImageData, build_dataset
 from diffusion.quality import DigitQuality, cached_classifier
 from diffusion.sampling import build_sampler, image_grid, sample_images, save_grid
@@ -25,9 +27,6 @@ from kinetic.checkpoint import check_state_shapes
 from kinetic.config import TrainConfig
 from kinetic.device import resolve_device
 from kinetic.task import Task
-
-# diffusers get_scheduler names that need only warm-up and total steps.
-LR_SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
 def build_unet(model_cfg: DictConfig | dict, channels: int, resolution: int) -> UNet2DModel:
@@ -88,7 +87,7 @@ class DDPMTask(Task):
         batch_size: images per step, over all ranks of a distributed run (each rank draws
             batch_size / world_size of them).
         ema: the EMA of the weights (diffusers' EMAModel on `model`); None: EMAModel with
-            the `task=ddpm` preset's settings.
+            `EMAConfig`'s defaults (those of `task.ema`).
         sampler: the evaluation sampler, ddpm | ddim.
         sampling_steps: sampler steps, in [1, num_train_timesteps].
         grid_samples: samples shown in the image grid.
@@ -129,18 +128,16 @@ class DDPMTask(Task):
         images = self.data.train
         self.model = model
         self.channels_last = compile
+        self.compiled = None
         if compile:
             model.to(memory_format=torch.channels_last)  # in place, parameters stay themselves
             # The loss's forward pass goes through the compiled handle of the same module (one
             # state dict, one EMA); the loop wraps it in DDP under torchrun.
-            self.train_model = torch.compile(model)
+            self.compiled = torch.compile(model)
         self.noise_scheduler = noise_scheduler
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(images.device)
         if ema is None:
-            ema = EMAModel(
-                self.model.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0,
-                power=0.75, foreach=True,
-            )  # fmt: skip
+            ema = EMAModel(self.model.parameters(), **asdict(EMAConfig()), foreach=True)
         self.ema = ema
         # Each rank draws its share of the global batch from the whole set, with replacement,
         # from its own stream: together the ranks draw a global batch as one process would.
@@ -202,7 +199,15 @@ class DDPMTask(Task):
             num_warmup_steps=config.warmup_steps, num_training_steps=config.steps,
         )  # fmt: skip
 
-    def loss(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def train_module(self) -> torch.nn.Module:
+        """The UNet, or with `compile` its compiled handle (the same parameters)."""
+        return self.model if self.compiled is None else self.compiled
+
+    def loss(
+        self, step: int, model: torch.nn.Module | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """ε-prediction MSE of one batch through `model` (default: `train_module()`)."""
+        model = self.train_module() if model is None else model
         x0 = self.batches()  # (B, C, H, W)
         batch = x0.shape[0]
         noise = torch.randn(x0.shape, generator=self.generator, device=x0.device)
@@ -215,8 +220,8 @@ class DDPMTask(Task):
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        # bf16 or fp16 under autocast; DDP (and the compiled UNet) through train_model.
-        prediction = self.train_model(x_t, t).sample
+        # bf16 or fp16 under autocast; DDP (and the compiled UNet) through `model`.
+        prediction = model(x_t, t).sample
         return F.mse_loss(prediction.float(), noise), {}
 
     def after_step(self, step: int) -> None:

@@ -204,7 +204,12 @@ class GFlowNetTask(Task):
             groups[-1]["beta3"] = self.log_z_beta3  # other optimizers ignore the key
         return groups
 
-    def loss(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, step: int, model: torch.nn.Module | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one batch, scored through `model` (default: `train_module()`, the
+        `GFlowNet`; under torchrun the loop passes its DistributedDataParallel wrapper)."""
+        model = self.train_module() if model is None else model
         # Off-policy share of the batch: as many replayed trajectories as the buffer can give.
         n_old = 0 if self.replay is None else min(self.n_replay, len(self.replay))
         batch = sample_trajectories(
@@ -221,9 +226,9 @@ class GFlowNetTask(Task):
             self.replay.add(batch)
             if old is not None:
                 batch = Trajectories.concatenate([batch, old])
-        # The one gradient-carrying forward pass goes through `train_model` (DDP in a
-        # distributed run); log Z enters the loss outside it, and DDP averages its gradient too.
-        loss = self.loss_fn(self._score(batch, self.train_model), batch, self.model.log_z)
+        # The one gradient-carrying forward pass goes through `model` (DDP in a distributed
+        # run); log Z enters the loss outside it, and DDP averages its gradient too.
+        loss = self.loss_fn(self._score(batch, model), batch, self.model.log_z)
         extras = {"train/log_z": self.model.log_z.detach()} if self.loss_name == "tb" else {}
         return loss, extras
 

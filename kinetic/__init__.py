@@ -6,8 +6,9 @@ from kinetic.device import resolve_device
 from kinetic.logging import RunLogger
 from kinetic.loop import NullLogger, train
 from kinetic.precision import Precision
+from kinetic.registry import TASKS, TaskSpec, build_task, register_task
 from kinetic.stability.monitors import MonitorConfig
-from kinetic.task import TASKS, Task, build_task, register_task
+from kinetic.task import Task
 
 __all__ = [
     "TASKS",
@@ -17,6 +18,7 @@ __all__ = [
     "Precision",
     "RunLogger",
     "Task",
+    "TaskSpec",
     "TrainConfig",
     "build_task",
     "load_checkpoint",

@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,9 @@ CHECKPOINT_DIR = "checkpoints"
 RUN_RECORD = "run.json"
 DIGEST_SUFFIX = ".sha256"
 _NAME = re.compile(r"^checkpoint_(\d{7,})\.pt$")
-# What `overwrite=true` removes from a run directory: the files a run writes, nothing else.
-_RUN_OUTPUTS = (CHECKPOINT_DIR, RUN_RECORD, "metrics.json", "samples", "checkpoint.pt")
+# What `overwrite=true` removes from a run directory: the files every run writes, and those
+# its task registered (`TaskSpec.outputs`), nothing else.
+_RUN_OUTPUTS = (CHECKPOINT_DIR, RUN_RECORD, "metrics.json", "checkpoint.pt")
 
 
 class CheckpointError(ConfigError):
@@ -206,11 +207,6 @@ class Checkpoints:
 
 # --- the identity of a run ----------------------------------------------------------------
 
-# Config keys whose change makes a checkpoint belong to a different run: what is trained on
-# and the shape of what is trained. Training lengths, learning rates and intervals may change
-# on resume (to extend a run, say).
-_IDENTITY_GROUPS = ("env", "data", "model", "loss")
-
 
 def _plain(value: Any) -> Any:
     """An OmegaConf node or dataclass as plain dicts/lists, for JSON and comparison."""
@@ -228,21 +224,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def run_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """What makes two runs the same run: the task, its environment or data, model, loss,
-    optimizer name and seed (a flat dict `{"env.height": 8, ...}` of the composed config)."""
+def run_identity(
+    cfg: Mapping[str, Any], keys: Sequence[str] = (), ignore: Sequence[str] = ()
+) -> dict[str, Any]:
+    """What makes two runs the same run, as a flat dict (`{"env.height": 8, ...}`) of the
+    composed config: the task's name, the optimizer's name and the seed, and what the task
+    registered as its identity (`keys`: groups, whose every key counts, or dotted keys; e.g.
+    its environment, data, model and loss), less the dotted keys in `ignore`. Training
+    lengths, learning rates and intervals are not part of it: they may change on resume (to
+    extend a run, say)."""
     identity: dict[str, Any] = {
         "task.name": _plain(cfg["task"]["name"]),
         "seed": _plain(cfg.get("seed")),
         "optim.name": _plain(cfg["optim"]["name"]) if "optim" in cfg else None,
     }
-    for group in _IDENTITY_GROUPS:
-        node = _plain(cfg.get(group))
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if group == "data" and key == "heldout_size":
-                    continue
-                identity[f"{group}.{key}"] = value
+    for key in keys:
+        group, _, leaf = key.partition(".")
+        node = _plain(cfg.get(group)) if group in cfg else None
+        for part in leaf.split(".") if leaf else ():
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and not leaf:
+            identity |= {f"{group}.{k}": v for k, v in node.items() if f"{group}.{k}" not in ignore}
+        elif key not in ignore:
+            identity[key] = node
     return identity
 
 
@@ -292,8 +296,8 @@ def check_state_shapes(
         )
 
 
-def _holds_a_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in _RUN_OUTPUTS)
+def _holds_a_run(run_dir: Path, outputs: Sequence[str]) -> bool:
+    return any((run_dir / name).exists() for name in (*_RUN_OUTPUTS, *outputs))
 
 
 def check_run_dir(
@@ -302,6 +306,7 @@ def check_run_dir(
     *,
     resume: str | None = None,
     overwrite: bool = False,
+    outputs: Sequence[str] = (),
 ) -> None:
     """Refuse to start a run in `run_dir` when it already holds another; writes nothing.
 
@@ -309,11 +314,12 @@ def check_run_dir(
     unless resuming it (`resume`: the recorded identity must match, else the differing keys are
     named) or replacing it (`overwrite`). `resume=auto` in a directory without a run is a fresh
     start, so one command serves the first start and every restart of a preemptible job.
+    `outputs`: the files and folders the task writes there (`TaskSpec.outputs`).
     """
     run_dir = Path(run_dir)
     if resume is not None and overwrite:
         raise ConfigError("resume and overwrite=true contradict each other; pass one of them")
-    if not _holds_a_run(run_dir) or overwrite:
+    if not _holds_a_run(run_dir, outputs) or overwrite:
         return
     if resume is None:
         raise ConfigError(
@@ -327,15 +333,20 @@ def check_run_dir(
 
 
 def start_run_dir(
-    run_dir: str | Path, identity: Mapping[str, Any], *, overwrite: bool = False
+    run_dir: str | Path,
+    identity: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+    outputs: Sequence[str] = (),
 ) -> None:
     """Record `identity` in `run_dir` (run.json), after `check_run_dir` and every other check
     passed, so that a refused input leaves the directory untouched. With `overwrite`, the
-    previous run's outputs go first: checkpoints, run.json, metrics.json, checkpoint.pt,
-    samples/ and TensorBoard event files; nothing else (notes, .hydra/) is touched."""
+    previous run's outputs go first: checkpoints, run.json, metrics.json, checkpoint.pt, the
+    task's `outputs` (e.g. DDPM's samples/) and TensorBoard event files; nothing else (notes,
+    .hydra/) is touched."""
     run_dir = Path(run_dir)
     if overwrite:
-        for name in _RUN_OUTPUTS:
+        for name in (*_RUN_OUTPUTS, *outputs):
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)

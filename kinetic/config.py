@@ -62,16 +62,7 @@ class LoggingConfig:
     images: bool = True  # image summaries at evaluation (e.g. learned vs target distribution)
 
 
-# --- tasks ---------------------------------------------------------------------------------
-
-
-@dataclass
-class ReplayConfig:
-    """`task.replay` of task=gfn: the replay buffer (gfn/replay.py)."""
-
-    capacity: int = 0  # trajectories kept; 0 = no replay
-    fraction: float = 0.0  # share of each batch drawn from the replay buffer, in (0, 1)
-    priority: str = "uniform"  # uniform | reward
+# --- the base of every task's schema ---------------------------------------------------------
 
 
 @dataclass
@@ -89,64 +80,12 @@ class OptimizerPresets:
 
 
 @dataclass
-class GFlowNetTaskConfig(OptimizerPresets):
-    """The `task` group for task=gfn (`GFlowNetTask.from_config`)."""
+class TaskSchema(OptimizerPresets):
+    """The keys every `task` group has; a task's own schema (registered with
+    `kinetic.register_task(..., schema=...)`) extends it with the task's keys."""
 
-    name: str = "gfn"
-    batch_size: int = 16  # trajectories per step
-    log_z_lr: float = 0.1  # log Z's own learning rate
-    log_z_init: float = 0.0
-    log_z_beta3: float | None = None  # VRAdam only: the velocity penalty of log Z's group
-    epsilon: float = 0.0  # probability of a uniform exploratory action
-    temperature: float = 1.0  # softmax temperature of the sampling policy
-    eval_samples: int = 256  # policy samples per evaluation, for non-enumerable environments
-    check_env: bool = True  # validate the environment (envs/checker.py) before training
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-
-
-@dataclass
-class EMAConfig:
-    """`task.ema` of task=ddpm: diffusers' EMAModel, whose weights are sampled and saved."""
-
-    decay: float = 0.999  # the largest decay
-    use_ema_warmup: bool = True  # decay = 1 - (1 + step / inv_gamma)^-power, capped at `decay`
-    inv_gamma: float = 1.0
-    power: float = 0.75
-
-
-@dataclass
-class SamplingConfig:
-    """`task.sampling` of task=ddpm: the evaluation sampler."""
-
-    scheduler: str = "ddpm"  # ddpm | ddim
-    steps: int = 50  # sampler steps, in [1, num_train_timesteps]
-    grid_samples: int = 64  # samples shown in the grid (TensorBoard and samples/*.png)
-
-
-@dataclass
-class DDPMTaskConfig(OptimizerPresets):
-    """The `task` group for task=ddpm (`DDPMTask.from_config`)."""
-
-    name: str = "ddpm"
-    batch_size: int = 128  # images per step
-    num_train_timesteps: int = 1000  # T of the forward process
-    beta_schedule: str = "squaredcos_cap_v2"  # cosine (arXiv 2102.09672); linear | scaled_linear
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    quality: bool = True  # digits only: classifier FD, confidence, class entropy per evaluation
-    cache_dir: str = ".cache/kinetic"  # the quality classifier, trained once
-
-
-@dataclass
-class DataConfig:
-    """The `data` group of task=ddpm (diffusion/data.py)."""
-
-    name: str = "digits"  # digits (scikit-learn's 8x8, no download) | folder
-    path: str | None = None  # data=folder: the image folder (searched recursively)
-    resolution: int = 8  # pixels per side fed to the UNet
-    channels: int = 1  # 1 = grayscale, 3 = RGB
-    heldout_size: int = 400  # digits: two disjoint held-out sets of this size (FD reference
-    # and real-vs-real floor); the rest trains the DDPM and the quality classifier
+    name: str = MISSING  # the registered task name, or a Task subclass's import path
+    module: str | None = None  # a module whose import registers the task (a task of your own)
 
 
 # --- the root ------------------------------------------------------------------------------
@@ -156,13 +95,13 @@ class DataConfig:
 class KineticConfig:
     """The root of a composed config (configs/config.yaml puts it first in its defaults list).
 
-    Typed groups: `train`, `monitor`, `logging`, `data`, and `task` (typed by the chosen task's
-    own schema, `schema/task/<name>` in Hydra's ConfigStore, which its YAML preset lists in its
-    defaults). Open groups (`Any`): `env` (an environment class's own arguments beside
-    `_target_`; the class validates them when it is built), `model` (the network's arguments),
-    `loss` (the loss's arguments) and `optim` (each optimizer class validates its arguments,
-    as torch.optim's do, and a third-party optimizer brings its own). A group that a task does
-    not use stays missing (`"env" in cfg` is False for task=ddpm).
+    Typed here: the run's own groups `train`, `monitor` and `logging`. The `task` group is typed
+    by the chosen task's schema (registered with the task; `kinetic.configure` applies it, and
+    a preset may list `/schema/task@task: <name>` to apply it at composition). The groups a task
+    reads (`env`, `model`, `loss`, `data`, ...) are the task's: typed by the schemas it
+    registered, checked by its `validate`. `optim`: each optimizer class validates its
+    arguments, as torch.optim's do. A group that a task does not use stays missing (`"env" in
+    cfg` is False for task=ddpm).
     """
 
     task: Any = MISSING
@@ -170,7 +109,7 @@ class KineticConfig:
     env: Any = MISSING
     model: Any = MISSING
     loss: Any = MISSING
-    data: DataConfig = MISSING
+    data: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorSchema = field(default_factory=MonitorSchema)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -184,17 +123,11 @@ class KineticConfig:
     compile: bool = False  # torch.compile the policy / the UNet (with channels_last)
 
 
-# Task schemas by task name; `register_schemas` stores them as `schema/task/<name>`.
-TASK_SCHEMAS: dict[str, type] = {"gfn": GFlowNetTaskConfig, "ddpm": DDPMTaskConfig}
-
-
 def register_schemas() -> None:
-    """Store the schemas in Hydra's ConfigStore: the root as `kinetic_schema`, each task's as
-    `schema/task/<name>`. Runs when kinetic is imported, before any composition."""
-    store = ConfigStore.instance()
-    store.store(name="kinetic_schema", node=KineticConfig)
-    for name, schema in TASK_SCHEMAS.items():
-        store.store(group="schema/task", name=name, node=schema)
+    """Store the root schema in Hydra's ConfigStore as `kinetic_schema` (configs/config.yaml
+    lists it first). Runs when kinetic is imported, before any composition; each task stores
+    its own schema when it registers."""
+    ConfigStore.instance().store(name="kinetic_schema", node=KineticConfig)
 
 
 register_schemas()

@@ -68,11 +68,12 @@ STABILITY_LAYOUT: dict[str, dict[str, list[Any]]] = {
 
 FINAL_PREFIX = "final/"  # the final metrics' scalar tags (metric columns of the HParams tab)
 
-# Config groups and leaves recorded as hyperparameters of every run, beside its overrides:
-# what was trained (task, environment, loss, model, data), how (optimizer, lr, schedule, batch,
-# steps) and the seed, so runs from different sweeps in one log directory still tell apart.
-_GROUPS = ("task", "env", "loss", "model", "data", "optim")
-_LEAVES = ("optim.lr", "seed", "train.steps", "train.lr_schedule", "task.batch_size")
+# Config groups and leaves recorded as hyperparameters of every run, beside its overrides and
+# what its task registered (`TaskSpec.hparams`: its environment, loss, model, data, batch):
+# what was trained and how (optimizer, lr, schedule, steps) and the seed, so runs from
+# different sweeps in one log directory still tell apart.
+_GROUPS = ("task", "optim")
+_LEAVES = ("optim.lr", "seed", "train.steps", "train.lr_schedule")
 
 
 def _hparam_value(value: Any) -> HParam:
@@ -88,13 +89,17 @@ def _hparam_value(value: Any) -> HParam:
 
 
 def config_hparams(
-    cfg: DictConfig, overrides: Sequence[str] = (), choices: Mapping[str, Any] | None = None
+    cfg: DictConfig,
+    overrides: Sequence[str] = (),
+    choices: Mapping[str, Any] | None = None,
+    task_keys: Sequence[str] = (),
 ) -> dict[str, HParam]:
     """The hyperparameters of a run, for TensorBoard's HParams tab.
 
     Every key an override sets (`overrides`: Hydra's `HydraConfig.get().overrides.task`, for a
     multirun job its own values), with its resolved value from `cfg`, plus the groups and leaves
-    in `_GROUPS`/`_LEAVES` that exist in `cfg`. A config group (`optim=adamw`) is recorded by
+    in `_GROUPS`/`_LEAVES` and the task's `task_keys` (groups, or dotted leaves) that exist in
+    `cfg`. A config group (`optim=adamw`) is recorded by
     the option chosen (`choices`: `HydraConfig.get().runtime.choices`; without it, the group's
     `name` key). Overrides of `hydra.*` and `logging.*` (they change no result) and deletions
     (`~key`) are left out.
@@ -102,7 +107,9 @@ def config_hparams(
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     choices = {} if choices is None else choices
-    keys = [*_GROUPS, *_LEAVES]
+    groups = (*_GROUPS, *(key for key in task_keys if "." not in key))
+    leaves = (*_LEAVES, *(key for key in task_keys if "." in key))
+    keys = list(dict.fromkeys([*groups, *leaves]))
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
         if override.is_delete() or key.split(".")[0] in ("hydra", "logging"):
@@ -113,14 +120,14 @@ def config_hparams(
     for key in keys:
         if choices.get(key) is not None:
             params[key] = _hparam_value(choices[key])
-        elif key in _GROUPS:
+        elif key in groups:
             # A group the task does not use is MISSING (`data` on a GFlowNet run): `in` skips it.
             name = OmegaConf.select(cfg, f"{key}.name", default=None) if key in cfg else None
             if name is not None:
                 params[key] = _hparam_value(name)
         else:
             value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
-            if value is not None or key not in _LEAVES:
+            if value is not None or key not in leaves:
                 params[key] = _hparam_value(value)
     return params
 

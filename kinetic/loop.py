@@ -26,12 +26,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from kinetic import distributed
 from kinetic.checkpoint import Checkpoints
@@ -88,6 +89,272 @@ def _skip_scalars(guard: NonFiniteGuard, precision: Precision) -> dict[str, floa
     return scalars
 
 
+@dataclass
+class LoopState:
+    """What the loop carries from step to step, in one place: the step counter, the last
+    evaluation's metrics and loss, and the run's timers. A checkpoint saves `state_dict()`
+    (beside the step: `kinetic.resume`) and a resumed run restores it; the random streams are
+    saved beside it by `kinetic.resume` from the task's `generators()` and the global ones."""
+
+    step: int = 0  # the last applied optimizer step
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
+    loss: float = math.nan  # the last step's loss, read (one sync) when a checkpoint is taken
+    wall: float = 0.0  # seconds spent by the sessions before this one (a resumed run)
+    eval_time: float = 0.0  # of all sessions' seconds, those spent evaluating
+    # Timers of this session (not saved): its start, the logging window's start and the
+    # evaluation time inside that window (excluded from the throughput).
+    started: float = field(default_factory=time.perf_counter)
+    window_start: float = field(default_factory=time.perf_counter)
+    window_eval: float = 0.0
+
+    def elapsed(self) -> float:
+        """The run's wall time so far, over every session."""
+        return self.wall + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metrics": dict(self.metrics), "loss": self.loss, "wall": self.elapsed(),
+                "eval_time": self.eval_time}  # fmt: skip
+
+    def load_state_dict(self, step: int, state: Mapping[str, Any]) -> None:
+        self.step, self.metrics, self.loss = step, dict(state["metrics"]), state["loss"]
+        self.wall, self.eval_time = state["wall"], state["eval_time"]
+
+
+@dataclass
+class _Run:
+    """The collaborators of one `train` call, wired once ("build"), and the phases of a step
+    as methods that `train` calls in order. `module` is what the task's loss calls for its
+    gradient pass: `task.train_module()`, wrapped in DistributedDataParallel under torchrun."""
+
+    task: Task
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    precision: Precision
+    logger: RunLogger | NullLogger
+    run_config: Mapping[str, Any]
+    identity: Mapping[str, Any]
+    stop: StopRequest | None
+    schedule: Any = None
+    module: torch.nn.Module | None = None
+    monitor: StabilityMonitor | None = None
+    guard: NonFiniteGuard | None = None
+    checkpoints: Checkpoints | None = None
+    saving: bool = False
+    state: LoopState = field(default_factory=LoopState)
+    params: list[torch.Tensor] = field(default_factory=list)
+    last_loss: Tensor | None = None  # the last applied step's loss tensor (read at the end)
+
+    @classmethod
+    def build(
+        cls,
+        task: Task,
+        optimizer: torch.optim.Optimizer,
+        config: TrainConfig,
+        monitor: MonitorConfig | None,
+        **wiring: Any,
+    ) -> _Run:
+        """Schedule, DDP wrapper, monitors and checkpoints (nothing draws from a stream)."""
+        run = cls(task, optimizer, config, **wiring)
+        run.schedule = task.lr_schedule(optimizer, config)
+        run.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Several processes (torchrun): DDP averages the gradients; rank 0 alone watches,
+        # evaluates and writes (train.py gives the other ranks a NullLogger).
+        run.module = distributed.data_parallel(task.train_module())
+        run.monitor, run.guard = _build_monitors(monitor, task, optimizer, config.log_every)
+        if run.logger.run_dir is not None:
+            run.checkpoints = Checkpoints(run.logger.run_dir, config.keep_checkpoints)
+        # Every rank takes part in a checkpoint (its per-rank state is gathered to rank 0).
+        run.saving = distributed.agree(run.checkpoints is not None)
+        return run
+
+    def restore(self, payload: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint: every object's state and the loop's."""
+        step, loop = restore_training_state(
+            payload, task=self.task, optimizer=self.optimizer, schedule=self.schedule,
+            monitor=self.monitor, guard=self.guard, generators=self.task.generators(),
+            precision=self.precision, rank=distributed.rank(),
+            world_size=distributed.world_size(),
+        )  # fmt: skip
+        self.state.load_state_dict(step, loop)
+
+    def forward_backward(self, step: int) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """Batch and loss (under autocast), backward (fp16: scaled, then unscaled), the global
+        batch's loss (one all-reduce under torchrun: a non-finite loss on any rank skips the
+        step on every rank) and the gradient norm (a device tensor: no sync; a pass over every
+        gradient, so only on steps where clip, guard, monitor or log need it)."""
+        with self.precision.autocast():
+            loss, extras = self.task.loss(step, self.module)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss, self.optimizer)
+        loss = distributed.mean_over_ranks(loss)
+        grad_norm = None
+        needs_norm = self.guard is not None or self.monitor is not None
+        if self.config.clip_grad_norm > 0 or self._logging(step) or needs_norm:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.params if p.grad is not None]
+            )
+        return loss, extras, grad_norm
+
+    def skipped(self, step: int, loss: Tensor, grad_norm: Tensor | None) -> bool:
+        """The guard's verdict (one host sync): a non-finite step (in fp16 also the scaler's
+        overflow, halving the scale) is skipped before it touches the parameters; too many in
+        a row stop the run after a checkpoint of the last applied step."""
+        if self.guard is None or self.guard.is_finite(loss, grad_norm, self.params, self.precision):
+            return False
+        self.precision.skip(self.optimizer)
+        self.logger.scalars(step, _skip_scalars(self.guard, self.precision))
+        if self.guard.exhausted:
+            path = self.save()  # the last applied step, its streams as they are now
+            raise NonFiniteError(self.guard.stop_message(step, str(path)))
+        return True
+
+    def apply(self, step: int, loss: Tensor, grad_norm: Tensor | None) -> float:
+        """Clip, step (the monitor remembers theta_{t-1} just before it), schedule, the task's
+        hook; returns this step's alpha_0 (the lr before the schedule moved it)."""
+        if self.config.clip_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.config.clip_grad_norm, grad_norm)
+        if self.monitor is not None:
+            self.monitor.before_step(step)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.precision.step(self.optimizer, checked=self.guard is not None)
+        if step == 1:  # one sync: a loss that bypassed the module it was given left ranks apart
+            distributed.check_in_sync(
+                self.params, "the task's loss must call the model it is given"
+            )
+        self.schedule.step()
+        self.task.after_step(step)
+        self.logger.progress(1)
+        self.state.step, self.last_loss = step, loss
+        return lr
+
+    def watch(self, step: int, loss: Tensor, grad_norm: Tensor | None) -> dict[str, float]:
+        """The monitors: cosine, sign flips, spikes (device ops, no sync); the sharpness probe
+        when due (syncs, 2 * iters Hessian-vector products)."""
+        if self.monitor is None:
+            return {}
+        self.monitor.after_step(step, loss, grad_norm)
+        if self.monitor.probe_due(step):
+            return self.monitor.probe(functools.partial(self.task.probe_loss, step))
+        return {}
+
+    def _logging(self, step: int) -> bool:
+        return step % self.config.log_every == 0 or step == self.config.steps
+
+    def log(
+        self,
+        step: int,
+        loss: Tensor,
+        grad_norm: Tensor | None,
+        extras: Mapping[str, Tensor],
+        lr: float,
+        stability: dict[str, float],
+    ) -> None:
+        """Scalars every `log_every` steps (float() syncs with the device), and warnings."""
+        state = self.state
+        if self._logging(step):
+            now = time.perf_counter()
+            seconds = max(now - state.window_start - state.window_eval, 1e-9)
+            steps_in_window = (step - 1) % self.config.log_every + 1
+            scalars = {"train/loss": loss.detach(), "train/grad_norm": grad_norm, **extras}
+            scalars["train/lr"] = lr
+            scalars |= {f"optim/{k}": v for k, v in velocity_scalars(self.optimizer, lr).items()}
+            scalars = {k: float(v) for k, v in scalars.items()}
+            items = steps_in_window * self.task.items_per_step
+            scalars[f"perf/{self.task.items_name}_per_sec"] = items / seconds
+            if self.monitor is not None:
+                stability |= self.monitor.scalars()
+            if self.guard is not None:
+                stability |= _skip_scalars(self.guard, self.precision)
+            self.logger.scalars(step, scalars | stability)
+            self.logger.postfix(loss=scalars["train/loss"])
+            state.window_start, state.window_eval = now, 0.0
+        if self.monitor is not None and stability:
+            for line in self.monitor.warnings(step, stability):
+                self.logger.warn(step, line)
+
+    def evaluate(self, step: int, log_images: bool) -> None:
+        """The task's evaluation when due (rank 0; not counted in the training throughput)."""
+        every = self.config.eval_every
+        if every == 0 or (step % every and step != self.config.steps):
+            return
+        started, main = time.perf_counter(), distributed.is_main_process()
+        if distributed.is_distributed():
+            self.task.gather_from_ranks()
+        metrics = self.state.metrics = self.task.evaluate(step) if main else {}
+        self.logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        if log_images and main:
+            for tag, image in self.task.images(step).items():
+                self.logger.image(step, f"eval/{tag}", image)
+        self.logger.postfix(**{k: metrics[k] for k in self.task.progress_keys if k in metrics})
+        spent = time.perf_counter() - started
+        self.state.eval_time += spent
+        self.state.window_eval += spent
+
+    def save(self) -> Path | None:
+        """A checkpoint of the state after the last applied step (None without a run
+        directory). In a distributed run every rank calls it: rank 0 gathers each rank's own
+        state and writes."""
+        if not self.saving:
+            return None
+        per_rank = None
+        if distributed.is_distributed():
+            per_rank = distributed.gather_to_main(rank_state(self.task, self.task.generators()))
+        if self.checkpoints is None:
+            return None
+        payload = capture_training_state(
+            step=self.state.step, task=self.task, optimizer=self.optimizer,
+            schedule=self.schedule, monitor=self.monitor, guard=self.guard,
+            loop=self.state.state_dict(), generators=self.task.generators(),
+            precision=self.precision, per_rank=per_rank,
+        )  # fmt: skip
+        return self.checkpoints.save(
+            self.state.step, **payload, identity=dict(self.identity), config=self.run_config
+        )
+
+    def checkpoint_or_stop(self, step: int, loss: Tensor) -> None:
+        """The periodic and last checkpoints; on a stop request (SIGTERM/Ctrl-C), which the
+        ranks agree on (one all-reduce per step), a checkpoint, then `RunInterrupted`."""
+        stop = self.stop
+        stopping = stop is not None and stop.requested
+        if distributed.is_distributed() and stop is not None:  # the ranks stop after one step
+            stopping = distributed.any_rank(stopping, loss.device)
+        every = self.config.checkpoint_every
+        path = None
+        if self.saving and ((every > 0 and step % every == 0) or step == self.config.steps
+                            or stopping):  # fmt: skip
+            self.state.loss = float(loss.detach())  # syncs, as the save does
+            path = self.save()
+        if stopping:
+            if stop.signal is None:  # a rank the signal has not reached (yet): torchrun's TERM
+                stop.signal, stop.signum = "SIGTERM", int(signal.SIGTERM)
+            distributed.barrier()  # no rank exits (and has torchrun end the others) mid-write
+            raise RunInterrupted(stop.signal, stop.exit_code, step, path)
+
+    def finish(self) -> dict[str, float]:
+        """The final metrics, the same on every rank (rank 0's evaluation), in metrics.json;
+        `FloatingPointError` if the last loss is not finite."""
+        state, steps = self.state, self.config.steps
+        wall, items = state.elapsed(), steps * self.task.items_per_step
+        last = self.last_loss
+        final = {
+            **state.metrics,
+            "loss": state.loss if last is None else float(last.detach()),
+            "steps": float(steps),
+            self.task.items_name: float(items),
+            f"{self.task.items_name}_per_sec": items / max(wall - state.eval_time, 1e-9),
+            "wall_time_s": wall,
+        }
+        if self.guard is not None:
+            final["nonfinite_skips"] = float(self.guard.total_skips)
+            if self.precision.scaling:
+                final["overflow_skips"] = float(self.guard.overflow_skips)
+        final = distributed.agree(final)
+        self.logger.write_metrics(final)
+        if not math.isfinite(final["loss"]):
+            raise FloatingPointError(f"training ended with a non-finite loss ({final['loss']})")
+        return final
+
+
 def train(
     task: Task,
     optimizer: torch.optim.Optimizer,
@@ -140,191 +407,42 @@ def train(
     `NonFiniteError` (after writing a checkpoint) once `monitor.max_consecutive` steps in a
     row were skipped, and `FloatingPointError` if the final loss is not finite.
     """
-    # Setup: config, schedule, monitors. Nothing here draws from a random stream.
-    tc = (TrainConfig() if config is None else config).validate()
+    # Build: the settings, then the schedule, DDP wrapper, monitors and checkpoints.
+    config = (TrainConfig() if config is None else config).validate()
     if not isinstance(precision, Precision):
         precision = Precision(precision, next(task.model.parameters()).device)
-    logger = NullLogger() if logger is None else logger
     if run_config is None:
-        run_config = {"train": asdict(tc), "monitor": None if monitor is None else asdict(monitor)}
-    schedule = task.lr_schedule(optimizer, tc)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # Several processes (torchrun): DDP averages the gradients; rank 0 alone watches, evaluates
-    # and writes (train.py gives the other ranks a NullLogger). See docs/distributed.md.
-    task.train_model = distributed.data_parallel(task.train_model)
-    main = distributed.is_main_process()
-    several = distributed.is_distributed()
-    stability_monitor, guard = _build_monitors(monitor, task, optimizer, tc.log_every)
-    # Resume: the state after step `done`, and what the loop itself carries across steps (the
-    # last evaluation's metrics and the last loss, for the final metrics; the time spent).
-    checkpoints = (
-        None if logger.run_dir is None else Checkpoints(logger.run_dir, tc.keep_checkpoints)
-    )
-    # Every rank takes part in a checkpoint (its per-rank state is gathered to rank 0).
-    saving = distributed.agree(checkpoints is not None)
-    carried: dict[str, Any] = {"metrics": {}, "loss": math.nan, "wall": 0.0, "eval_time": 0.0}
-    done = 0
+        run_config = {
+            "train": asdict(config),
+            "monitor": None if monitor is None else asdict(monitor),
+        }
+    run = _Run.build(
+        task, optimizer, config, monitor, precision=precision,
+        logger=NullLogger() if logger is None else logger, run_config=run_config,
+        identity=dict(identity or {}), stop=stop,
+    )  # fmt: skip
+
+    # Resume: every object's state after the checkpoint's step, and the loop's own.
     if resume is not None:
-        done, carried = restore_training_state(
-            resume, task=task, optimizer=optimizer, schedule=schedule, monitor=stability_monitor,
-            guard=guard, generators=task.generators(), precision=precision,
-            rank=distributed.rank(), world_size=distributed.world_size(),
-        )  # fmt: skip
-    if not main:
-        stability_monitor = None
+        run.restore(resume)
+    if not distributed.is_main_process():
+        run.monitor = None  # rank 0 alone watches (the other ranks' windows are restored, unused)
 
-    def save(at: int) -> Path | None:
-        """A checkpoint of the state after step `at` (None without a run directory). In a
-        distributed run every rank calls it: rank 0 gathers each rank's own state and writes."""
-        if not saving:
-            return None
-        per_rank = None
-        if several:
-            per_rank = distributed.gather_to_main(rank_state(task, task.generators()))
-        if checkpoints is None:
-            return None
-        carried.update(wall=wall_before + time.perf_counter() - start, eval_time=eval_time)
-        payload = capture_training_state(
-            step=at, task=task, optimizer=optimizer, schedule=schedule,
-            monitor=stability_monitor, guard=guard, loop=carried, generators=task.generators(),
-            precision=precision, per_rank=per_rank,
-        )  # fmt: skip
-        return checkpoints.save(at, **payload, identity=dict(identity or {}), config=run_config)
+    while run.state.step < config.steps:
+        step = run.state.step + 1
+        # Step: batch, loss, backward; the guard; clip, optimizer step, schedule.
+        loss, extras, grad_norm = run.forward_backward(step)
+        if run.skipped(step, loss, grad_norm):
+            continue  # the same step again, with a new batch
+        lr = run.apply(step, loss, grad_norm)
+        run.log(step, loss, grad_norm, extras, lr, run.watch(step, loss, grad_norm))
 
-    metrics: dict[str, float] = dict(carried["metrics"])
-    wall_before = carried["wall"]
-    start = time.perf_counter()
-    eval_time = carried["eval_time"]  # excluded from the throughput
-    window_start, window_eval = start, 0.0
-    last_loss = None  # the last step's loss tensor, read once at the end
-    step = done + 1
-    while step <= tc.steps:
-        # Batch: sample one and score it (under autocast in bf16 and fp16).
-        with precision.autocast():
-            loss, extras = task.loss(step)
-
-        # Backward (fp16: scaled, then the gradients unscaled), then the gradient norm (a device
-        # tensor: no sync). The norm is a pass over every gradient, so it is skipped on steps
-        # where nothing (clip, guard, monitor, log) needs it.
-        optimizer.zero_grad(set_to_none=True)
-        precision.backward(loss, optimizer)
-        # The global batch's loss (one all-reduce; the local loss itself in one process): a
-        # non-finite loss on any rank then skips the step on every rank.
-        loss = distributed.mean_over_ranks(loss)
-        logging_step = step % tc.log_every == 0 or step == tc.steps
-        needs_norm = guard is not None or stability_monitor is not None
-        if tc.clip_grad_norm > 0 or logging_step or needs_norm:
-            grad_norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in params if p.grad is not None]
-            )
-
-        # Guard: skip a non-finite step before it touches the parameters (one host sync). In
-        # fp16 an overflow of the scaled gradients is skipped too, halving the scale.
-        if guard is not None and not guard.is_finite(loss, grad_norm, params, precision):
-            precision.skip(optimizer)
-            logger.scalars(step, _skip_scalars(guard, precision))
-            if guard.exhausted:
-                path = save(step - 1)  # the last applied step, its streams as they are now
-                raise NonFiniteError(guard.stop_message(step, str(path)))
-            continue
-
-        # Clip.
-        if tc.clip_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, tc.clip_grad_norm, grad_norm)
-
-        # Step (the monitor remembers theta_{t-1} just before it), schedule, task hooks.
-        if stability_monitor is not None:
-            stability_monitor.before_step(step)
-        lr = optimizer.param_groups[0]["lr"]  # this step's alpha_0, before the schedule moves it
-        precision.step(optimizer, checked=guard is not None)
-        if step == 1:  # one sync: a loss that bypassed task.train_model left the ranks apart
-            distributed.check_in_sync(params, "the task's loss must call task.train_model")
-        schedule.step()
-        task.after_step(step)
-        logger.progress(1)
-
-        # Monitors: update cosine, sign flips, spikes (device ops, no sync); the sharpness
-        # probe when due (syncs, 2 * iters Hessian-vector products).
-        stability: dict[str, float] = {}
-        if stability_monitor is not None:
-            stability_monitor.after_step(step, loss, grad_norm)
-            if stability_monitor.probe_due(step):
-                stability |= stability_monitor.probe(functools.partial(task.probe_loss, step))
-
-        # Log: float() syncs with the device, so only every log_every steps.
-        if logging_step:
-            now = time.perf_counter()
-            steps_in_window = (step - 1) % tc.log_every + 1
-            rate = (
-                steps_in_window * task.items_per_step / max(now - window_start - window_eval, 1e-9)
-            )
-            scalars = {"train/loss": loss.detach(), "train/grad_norm": grad_norm, **extras}
-            scalars["train/lr"] = lr
-            scalars |= {f"optim/{k}": v for k, v in velocity_scalars(optimizer, lr).items()}
-            scalars = {k: float(v) for k, v in scalars.items()}
-            scalars[f"perf/{task.items_name}_per_sec"] = rate
-            if stability_monitor is not None:
-                stability |= stability_monitor.scalars()
-            if guard is not None:
-                stability |= _skip_scalars(guard, precision)
-            logger.scalars(step, scalars | stability)
-            logger.postfix(loss=scalars["train/loss"])
-            window_start, window_eval = now, 0.0
-        if stability_monitor is not None and stability:
-            for line in stability_monitor.warnings(step, stability):
-                logger.warn(step, line)
-
-        # Evaluate (not counted in the training throughput).
-        if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
-            eval_start = time.perf_counter()
-            if several:
-                task.gather_from_ranks()
-            metrics = task.evaluate(step) if main else {}
-            logger.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-            if log_images and main:
-                for tag, image in task.images(step).items():
-                    logger.image(step, f"eval/{tag}", image)
-            logger.postfix(**{k: metrics[k] for k in task.progress_keys if k in metrics})
-            spent = time.perf_counter() - eval_start
-            eval_time += spent
-            window_eval += spent
-
-        # Callbacks, then the checkpoint (also when a signal asked the run to stop).
+        # Evaluate, then the callbacks.
+        run.evaluate(step, log_images)
         for callback in callbacks:
             callback(step)
-        last_loss = loss
-        stopping = stop is not None and stop.requested
-        if several and stop is not None:  # the ranks stop after the same step
-            stopping = distributed.any_rank(stopping, loss.device)
-        periodic = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
-        path = None
-        if saving and (periodic or step == tc.steps or stopping):
-            carried.update(metrics=metrics, loss=float(loss.detach()))  # syncs, as the save does
-            path = save(step)
-        if stopping:
-            if stop.signal is None:  # a rank the signal has not reached (yet): torchrun's TERM
-                stop.signal, stop.signum = "SIGTERM", int(signal.SIGTERM)
-            distributed.barrier()  # no rank exits (and has torchrun end the others) mid-write
-            raise RunInterrupted(stop.signal, stop.exit_code, step, path)
-        step += 1
 
-    # The final metrics (the last step's checkpoint is written above).
-    wall = wall_before + time.perf_counter() - start
-    items = tc.steps * task.items_per_step
-    final = {
-        **metrics,
-        "loss": carried["loss"] if last_loss is None else float(last_loss.detach()),
-        "steps": float(tc.steps),
-        task.items_name: float(items),
-        f"{task.items_name}_per_sec": items / max(wall - eval_time, 1e-9),
-        "wall_time_s": wall,
-    }
-    if guard is not None:
-        final["nonfinite_skips"] = float(guard.total_skips)
-        if precision.scaling:
-            final["overflow_skips"] = float(guard.overflow_skips)
-    final = distributed.agree(final)  # rank 0's evaluation, on every rank
-    logger.write_metrics(final)
-    if not math.isfinite(final["loss"]):
-        raise FloatingPointError(f"training ended with a non-finite loss ({final['loss']})")
-    return final
+        # Checkpoint, and stop if a signal asked to.
+        run.checkpoint_or_stop(step, loss)
+
+    return run.finish()

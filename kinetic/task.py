@@ -1,16 +1,15 @@
-"""What a task gives the training loop, and the registry that maps a config's `task.name` to one.
+"""What a task gives the training loop: the `Task` contract.
 
-A task (GFlowNet, DDPM, ...) owns its model, makes a batch and its loss, and evaluates. It is
-built from plain objects (an environment and a network; a dataset and a UNet) by its
-constructor, or from a composed config by `from_config(cfg, run_dir)`, which the command line
-calls through `build_task`. A new generative task is one `Task` subclass and one YAML preset
-under configs/task/ whose `task.name` is the class's import path, or a name given to it by
-`register_task(name, cls)` (docs/extending.md, "Adding a task").
+A task (GFlowNet, DDPM, one of your own) owns its model, makes a batch and its loss, and
+evaluates. It is built from plain objects (an environment and a network; a dataset and a UNet)
+by its constructor, or from a composed config by `from_config(cfg, run_dir)`, which the command
+line calls through `kinetic.registry.build_task`. What the core needs to know of a task before
+building it (its config schema, checks, run identity, ...) is registered beside it with
+`kinetic.registry.register_task` (docs/extending.md, "Adding a task").
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ from kinetic.schedule import build_schedule
 if TYPE_CHECKING:
     from kinetic.config import TrainConfig
 
-__all__ = ["TASKS", "Task", "build_task", "register_task"]
+__all__ = ["Task"]
 
 
 class Task(ABC):
@@ -46,9 +45,6 @@ class Task(ABC):
     - `per_rank_state` (tuple of str or None): the keys of `state_dict()` that differ between
       the ranks of a distributed run (a replay buffer, visited states): its checkpoints hold
       them once per rank, the rest once. None (the default): every key, the safe choice.
-    - `train_model` (nn.Module): what `loss` calls for its gradient-carrying forward pass:
-      `model` itself, or in a distributed run the DistributedDataParallel around it, which
-      `train` sets (`kinetic.distributed.data_parallel`). Sampling and evaluation call `model`.
 
     In a distributed run (torchrun) every rank builds the same task; the task draws its
     batches from `kinetic.distributed.rank_seed(seed)` and its share of the global batch
@@ -64,13 +60,11 @@ class Task(ABC):
     generator: torch.Generator | None = None
     per_rank_state: tuple[str, ...] | None = None
 
-    @property
-    def train_model(self) -> torch.nn.Module:
-        return self.__dict__.get("_train_model", self.model)
-
-    @train_model.setter
-    def train_model(self, module: torch.nn.Module) -> None:
-        self.__dict__["_train_model"] = module
+    def train_module(self) -> torch.nn.Module:
+        """The module whose forward pass `loss` differentiates: `model` by default (a task that
+        compiles it returns the compiled handle of the same module). In a distributed run
+        `train` wraps it in DistributedDataParallel and passes the wrapper to `loss`."""
+        return self.model
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], run_dir: str | Path | None = None) -> Task:
@@ -84,8 +78,11 @@ class Task(ABC):
         """Parameter groups for the optimizer (e.g. log Z with its own learning rate)."""
 
     @abstractmethod
-    def loss(self, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Make a batch and return its loss and extra scalars to log (device tensors)."""
+    def loss(self, step: int, model: torch.nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
+        """Make a batch and return its loss and extra scalars to log (device tensors). `model`
+        is what to call for the one gradient-carrying forward pass: `train_module()`, or under
+        torchrun the DistributedDataParallel wrapper around it, as `train` passes it; sampling
+        and evaluation call `self.model`."""
 
     @abstractmethod
     def evaluate(self, step: int) -> dict[str, float]:
@@ -140,56 +137,8 @@ class Task(ABC):
         saved = None if self.generator is None else self.generator.get_state()
         global_state = torch.random.get_rng_state()
         try:
-            return self.loss(step)[0]
+            return self.loss(step, self.train_module())[0]
         finally:
             torch.random.set_rng_state(global_state)
             if saved is not None:
                 self.generator.set_state(saved)
-
-
-# name -> the class, or "module:Class" imported on first use (so `task=gfn` never imports
-# diffusers).
-TASKS: dict[str, type[Task] | str] = {
-    "gfn": "gfn.task:GFlowNetTask",
-    "ddpm": "diffusion.task:DDPMTask",
-}
-
-
-def register_task(name: str, cls: type[Task] | str) -> None:
-    """Make `task.name=<name>` build `cls` (a `Task` subclass, or its "module:Class" path)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"Invalid task name: {name!r}; expected a non-empty string")
-    if isinstance(cls, type) and not issubclass(cls, Task):
-        raise TypeError(f"register_task({name!r}, {cls.__name__}): not a kinetic.Task subclass")
-    if not isinstance(cls, type | str):
-        raise TypeError(f"register_task({name!r}, {cls!r}): expected a Task subclass or a path")
-    TASKS[name] = cls
-
-
-def task_class(name: str) -> type[Task]:
-    """The class registered under `name`; a name with a dot that is not registered is the
-    import path of a `Task` subclass (`my_tasks.LinearFit`), imported and then registered."""
-    if name not in TASKS:
-        if not (isinstance(name, str) and "." in name):
-            raise ValueError(f"Unknown task: {name!r}; available: {', '.join(TASKS)}")
-        module, _, attr = name.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(
-                f"Unknown task: {name!r}; not registered, and not importable ({err}); "
-                f"available: {', '.join(TASKS)}"
-            ) from err
-        if not (isinstance(cls, type) and issubclass(cls, Task)):
-            raise TypeError(f"task.name={name} is {cls!r}, not a kinetic.Task subclass")
-        TASKS[name] = cls
-    cls = TASKS[name]
-    if isinstance(cls, str):
-        module, _, attr = cls.partition(":")
-        cls = TASKS[name] = getattr(importlib.import_module(module), attr)
-    return cls
-
-
-def build_task(cfg: Mapping[str, Any], run_dir: str | Path | None = None) -> Task:
-    """The task named by `cfg.task.name`, from the composed config (`Task.from_config`)."""
-    return task_class(cfg["task"]["name"]).from_config(cfg, run_dir)

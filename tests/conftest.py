@@ -17,6 +17,11 @@ from types import ModuleType
 import pytest
 import torch
 
+# The built-in tasks register themselves on import, as train.py imports them: tests compose
+# configs/ (whose presets name the tasks' schemas) and build tasks by name.
+import diffusion.config  # noqa: F401
+import gfn.config  # noqa: F401
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 DEVICE_PARAMS = ("cpu", "cuda", "mps")

@@ -156,7 +156,7 @@ CASES = [
     (
         ["task.name=nowhere.Task"], "run",
         "...Unknown task: 'nowhere.Task'; not registered, and not importable (No module named "
-        "'nowhere'); available: gfn, ddpm",
+        "'nowhere'); available: ddpm, gfn",
     ),
     # Unknown options and keys: Hydra's message, our exit code.
     (["optim=nope"], "run", "...In 'config': Could not find 'optim/nope'"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gfn.config import run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["env.height=4", "train.steps=300", "train.eval_every=100", "train.log_every=20"]
@@ -112,10 +113,9 @@ ENV_PRESETS = sorted(p.stem for p in (ROOT / "configs" / "env").glob("*.yaml"))
 def test_every_env_preset_names_its_parameters_in_the_run_name(preset):
     """The `done:` line's name of a run on each preset, from the composed config: the values
     the preset file sets, in `key=value` form (never an empty `name()`)."""
-    describe = runpy.run_path(str(ROOT / "train.py"), run_name="train")["describe"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose(config_name="config", overrides=[f"env={preset}"])
-    name = describe(cfg).split(" ")[0]
+    name = run_name(cfg).split(" ")[0]
     target = cfg.env._target_.rsplit(".", 1)[-1].lower()
     assert name.startswith(f"{target}(") and not name.endswith("()"), name
     raw = OmegaConf.load(ROOT / "configs" / "env" / f"{preset}.yaml")

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from diffusion.config import DataConfig
 from diffusion.data import build_dataset
 from diffusion.task import DDPMTask, build_noise_scheduler, build_unet
 from envs.hypergrid import HyperGrid
 from gfn.policies import GFlowNet, MLPPolicy
 from gfn.task import GFlowNetTask
 from kinetic import MonitorConfig, TrainConfig, distributed, train
-from kinetic.config import DataConfig
 from optim import VRAdam
 
 SEED = 3

@@ -179,8 +179,8 @@ def test_overwrite_removes_the_previous_runs_outputs_only(tmp_path):
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("a: 1")
     other = IDENTITY | {"seed": 1}
-    check_run_dir(tmp_path, other, overwrite=True)
-    start_run_dir(tmp_path, other, overwrite=True)
+    check_run_dir(tmp_path, other, overwrite=True, outputs=("samples",))
+    start_run_dir(tmp_path, other, overwrite=True, outputs=("samples",))  # the task's own
     assert sorted(_snapshot(tmp_path)) == [".hydra/config.yaml", "notes.txt", "run.json"]
     assert json.loads((tmp_path / "run.json").read_text())["identity"] == other
 
@@ -188,14 +188,22 @@ def test_overwrite_removes_the_previous_runs_outputs_only(tmp_path):
 def test_run_identity_names_what_the_run_trains():
     from hydra import compose, initialize_config_dir
 
+    from kinetic.registry import TASKS
+
+    def identity(cfg):  # as train.py takes it: the keys the task registered
+        spec = TASKS[cfg.task.name]
+        return run_identity(cfg, spec.identity, spec.identity_ignore)
+
     configs = str(Path(__file__).resolve().parents[2] / "configs")
     with initialize_config_dir(config_dir=configs, version_base=None):
-        gfn = run_identity(compose("config", overrides=["env.height=5", "train.steps=7"]))
-        ddpm = run_identity(compose("config", overrides=["task=ddpm", "model=unet_tiny"]))
+        gfn = identity(compose("config", overrides=["env.height=5", "train.steps=7"]))
+        ddpm = identity(compose("config", overrides=["task=ddpm", "model=unet_tiny"]))
     assert gfn["task.name"] == "gfn" and gfn["env.height"] == 5 and gfn["loss.name"] == "tb"
     assert gfn["env._target_"] == "envs.hypergrid.HyperGrid" and gfn["model.hidden"] == 256
     assert not any(key.startswith("train.") for key in gfn)  # steps may change on resume
     assert ddpm["data.channels"] == 1 and ddpm["model.block_out_channels"] == [8, 16]
+    assert "data.heldout_size" not in ddpm  # an evaluation size: the task registered it as such
+    assert not any(key.startswith("data.") for key in gfn)
 
 
 def test_a_model_of_another_shape_is_refused_by_name():

@@ -9,13 +9,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from kinetic.config import (
-    DataConfig,
-    DDPMTaskConfig,
-    GFlowNetTaskConfig,
-    LoggingConfig,
-    TrainConfig,
-)
+from diffusion.config import DataConfig, DDPMTaskConfig
+from gfn.config import GFlowNetTaskConfig
+from kinetic.config import LoggingConfig, TrainConfig
 from kinetic.stability.monitors import MonitorConfig, MonitorSchema
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")

@@ -27,6 +27,7 @@ from tensorboard.plugins.hparams import (
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from kinetic.logging import STABILITY_LAYOUT, RunLogger, config_hparams
+from kinetic.registry import TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +45,8 @@ def test_config_hparams_from_overrides_and_choices():
     cfg = _compose([o for o in overrides if not o.startswith(("hydra.", "~"))])
     choices = {"task": "gfn", "optim": "adamw", "env": "hypergrid", "loss": "tb", "model": "mlp"}
     choices |= {"hydra/launcher": "basic", "monitor": "default"}
-    assert config_hparams(cfg, overrides, choices) == {
+    task_keys = TASKS["gfn"].hparams  # what the task registers: its env, loss, model, batch
+    assert config_hparams(cfg, overrides, choices, task_keys) == {
         "task": "gfn",
         "env": "hypergrid",
         "loss": "tb",
@@ -62,7 +64,7 @@ def test_config_hparams_from_overrides_and_choices():
 
 def test_config_hparams_without_hydra_names_groups_by_their_name_key():
     cfg = _compose(["task=ddpm", "optim.lr=1e-3"])
-    params = config_hparams(cfg)
+    params = config_hparams(cfg, task_keys=TASKS["ddpm"].hparams)
     assert (params["task"], params["optim"], params["data"], params["model"]) == (
         "ddpm",
         "vradam",
@@ -70,6 +72,8 @@ def test_config_hparams_without_hydra_names_groups_by_their_name_key():
         "unet",
     )
     assert params["optim.lr"] == 1e-3 and "env" not in params and "loss" not in params
+    core = config_hparams(cfg)  # a task that registered nothing: the core's keys only
+    assert set(core) == {"task", "optim", "optim.lr", "seed", "train.steps", "train.lr_schedule"}
 
 
 def _events(run_dir: Path) -> EventAccumulator:

@@ -230,7 +230,7 @@ class _RegressionTask(Task):
     def param_groups(self):
         return [{"params": list(self.model.parameters())}]
 
-    def loss(self, step):
+    def loss(self, step, model):
         return self.net.loss(), {}
 
     def after_step(self, step):
@@ -250,7 +250,7 @@ def test_the_loop_in_fp16_skips_overflows_and_finishes_every_step():
     precision = Precision("fp16", "cpu")
     precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
     optimizer = torch.optim.SGD(task.param_groups(), lr=0.05)
-    first = float(task.loss(0)[0].detach())
+    first = float(task.loss(0, task.model)[0].detach())
     metrics = train(task, optimizer, TrainConfig(steps=30, eval_every=0), precision=precision)
     assert metrics["overflow_skips"] >= 10 and metrics["nonfinite_skips"] == 0
     assert task.after == list(range(1, 31))  # each applied step once, skipped ones never
@@ -262,7 +262,12 @@ def test_the_loop_autocasts_the_loss_in_bf16():
     task = _RegressionTask()
     seen = []
     original = task.net.loss
-    task.loss = lambda step: (seen.append(torch.is_autocast_enabled("cpu")), (original(), {}))[1]
+
+    def loss(step, model):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(), {}
+
+    task.loss = loss
     optimizer = torch.optim.SGD(task.param_groups(), lr=0.05)
     train(task, optimizer, TrainConfig(steps=3, eval_every=0), precision="bf16")
     assert seen == [True] * 3

@@ -43,12 +43,13 @@ def test_compile_compiles_the_policy_in_place_keeping_its_state_dict():
 def test_ddpm_compile_trains_through_a_compiled_channels_last_unet(tmp_path):
     overrides = ["task=ddpm", "model=unet_tiny", "task.quality=false", "device=cpu"]
     task = DDPMTask.from_config(_cfg(*overrides, "compile=true"), tmp_path)
-    assert isinstance(task.train_model, torch._dynamo.eval_frame.OptimizedModule)
-    assert task.train_model._orig_mod is task.model  # one module: one state dict, one EMA
+    compiled = task.train_module()  # what the loop passes to the loss (DDP-wrapped: torchrun)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled._orig_mod is task.model  # one module: one state dict, one EMA
     conv = next(p for p in task.model.parameters() if p.dim() == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last)
     eager = DDPMTask.from_config(_cfg(*overrides), tmp_path)
-    assert eager.train_model is eager.model and not eager.channels_last
+    assert eager.train_module() is eager.model and not eager.channels_last
 
 
 def test_ddpm_data_model_and_ema_on_the_configured_device(tmp_path, device):

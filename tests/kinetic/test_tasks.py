@@ -31,8 +31,8 @@ class _Regression(Task):
     def param_groups(self):
         return [{"params": list(self.model.parameters())}]
 
-    def loss(self, step):
-        return torch.nn.functional.mse_loss(self.model(self.x), self.y), {}
+    def loss(self, step, model):
+        return torch.nn.functional.mse_loss(model(self.x), self.y), {}
 
     def evaluate(self, step):
         self.evaluations.append(step)
@@ -83,7 +83,11 @@ def test_registry_builds_a_registered_task_and_names_the_choices():
         task = build_task({"task": {"name": "regression"}, "seed": 3})
         assert isinstance(task, _Regression)
         assert torch.equal(task.model.weight, _Regression(seed=3).model.weight)
-        message = "Unknown task: 'nope'; available: gfn, ddpm, regression"
+        message = (
+            "Unknown task: 'nope'; available: ddpm, gfn, regression (a task of your own: its "
+            "module calls kinetic.register_task, and task.module names it or an entry point of "
+            "the group kinetic.tasks does)"
+        )
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             build_task({"task": {"name": "nope"}, "seed": 0})
         with pytest.raises(TypeError, match=r"not a kinetic\.Task subclass"):

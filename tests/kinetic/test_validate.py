@@ -1,7 +1,9 @@
 """Every bad config value is refused before any work, in one sentence naming key and valid range.
 
-(Wrong types, e.g. `train.steps=1.5`, are Hydra's to refuse at composition: the schemas in
-kinetic/config.py type every key; tests/test_bad_inputs.py runs those through the command line.)
+(Wrong types, e.g. `train.steps=1.5`, are Hydra's to refuse at composition: the schemas type
+every key (kinetic/config.py the run's, gfn/config.py and diffusion/config.py the tasks');
+tests/test_bad_inputs.py runs those through the command line.) The built-in tasks' ranges are
+checked by what they registered (`TaskSpec.validate`), which `validate_config` calls.
 
 The configs are composed by Hydra from configs/ exactly as `train.py` composes them; the
 command-line test of the same table (exit code 2, the run directory untouched) lives in
@@ -17,8 +19,13 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import diffusion.config  # noqa: F401  (registers task=ddpm)
+import gfn.config  # noqa: F401  (registers task=gfn)
+from kinetic.configure import validate_config
 from kinetic.errors import ConfigError
-from kinetic.validate import check_float, check_int, validate_config
+from kinetic.registry import TASKS, register_task
+from kinetic.task import Task
+from kinetic.validate import check_float, check_int
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 DDPM = "task=ddpm"
@@ -208,7 +215,6 @@ def test_range_check_edges():
 def test_a_task_of_ones_own_has_its_train_keys_checked_and_its_name_resolved(monkeypatch):
     """A registered task other than gfn and ddpm: `train` is checked, the schedule against
     kinetic.schedule's names (the base `Task.lr_schedule`'s) unless the task has its own."""
-    from kinetic.task import TASKS, Task
 
     class Plain(Task):  # the base's lr_schedule
         pass
@@ -217,8 +223,9 @@ def test_a_task_of_ones_own_has_its_train_keys_checked_and_its_name_resolved(mon
         def lr_schedule(self, optimizer, config):
             raise AssertionError("not called by validation")
 
-    monkeypatch.setitem(TASKS, "plain", Plain)
-    monkeypatch.setitem(TASKS, "own", Own)
+    monkeypatch.setattr("kinetic.registry.TASKS", dict(TASKS))
+    register_task("plain", Plain)
+    register_task("own", Own)
     train = {"steps": 10, "log_every": 1, "eval_every": 0, "lr_schedule": "step"}
     with pytest.raises(ConfigError, match=r"^Unknown train\.lr_schedule: 'step'; valid: "):
         validate_config({"task": {"name": "plain"}, "train": train})
