@@ -27,6 +27,8 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import diffusion.config  # noqa: E402, F401  (registers task=ddpm)
+import gfn.config  # noqa: E402, F401  (registers task=gfn: configs/ name its schema)
 import kinetic.loop  # noqa: E402
 from kinetic import RunLogger, TrainConfig, build_task, train  # noqa: E402
 from kinetic.checkpoint import Checkpoints, load_checkpoint  # noqa: E402

@@ -50,6 +50,8 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere, like the other benchmarks
 
+import diffusion.config  # noqa: F401  (registers task=ddpm)
+import gfn.config  # noqa: F401  (registers task=gfn: configs/ name its schema)
 from diffusion.task import DDPMTask
 from kinetic import MonitorConfig, TrainConfig, train
 from optim import build_optimizer

@@ -81,6 +81,8 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import diffusion.config  # noqa: F401  (registers task=ddpm)
+import gfn.config
 import gfn.task
 from envs.hypergrid import HyperGrid
 from gfn.evaluation import exact_terminal_distribution, l1_distance, true_terminal_distribution

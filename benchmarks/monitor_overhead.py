@@ -36,6 +36,8 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import diffusion.config  # noqa: E402, F401  (registers task=ddpm)
+import gfn.config  # noqa: E402, F401  (registers task=gfn: configs/ name its schema)
 from kinetic import TrainConfig, build_task, train  # noqa: E402
 from kinetic.stability.monitors import MonitorConfig, StabilityMonitor  # noqa: E402
 from optim import build_optimizer  # noqa: E402

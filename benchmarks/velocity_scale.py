@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+import diffusion.config  # noqa: F401  (registers task=ddpm)
+import gfn.config  # noqa: F401  (registers task=gfn: configs/ name its schema)
 from optim import VRAdam, build_optimizer
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")

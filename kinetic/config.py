@@ -1,10 +1,12 @@
-"""Typed configs: the schema of each config group, the one source of its keys, types and defaults.
+"""Typed configs of the run's own groups, the one source of their keys, types and defaults.
 
 Each dataclass here is both what Python code passes (`train(task, opt, TrainConfig(steps=300))`)
-and the schema Hydra checks the composed config against (`register_schemas`, called by
-train.py): an unknown key or a wrong type fails at composition with Hydra's own message. The
-YAML files in configs/ are presets on top of these defaults. Range checks go in each schema's
-`validate()`, called where the config enters the run.
+and the schema Hydra checks the composed config against (`register_schemas`, run on import):
+an unknown key or a wrong type fails at composition with Hydra's own message. The YAML files in
+configs/ are presets on top of these defaults. `TaskSchema` is the base of every task's own
+schema, which the task registers with `kinetic.register_task` (gfn/config.py,
+diffusion/config.py). Range checks go in each schema's `validate()`, called where the config
+enters the run.
 """
 
 from __future__ import annotations

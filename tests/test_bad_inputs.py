@@ -234,7 +234,7 @@ def test_debug_shows_the_traceback_of_a_refusal(dirs):
 def test_an_internal_error_keeps_its_traceback_and_is_not_a_user_error(tmp_path, monkeypatch):
     from gfn.task import GFlowNetTask
 
-    def broken(self, step):
+    def broken(self, step, model=None):
         raise ValueError("an internal bug")
 
     monkeypatch.setattr(GFlowNetTask, "loss", broken)
