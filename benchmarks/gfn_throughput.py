@@ -69,6 +69,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,7 @@ sys.path.insert(0, str(ROOT))
 
 import diffusion.config  # noqa: F401  (registers task=ddpm)
 import gfn.config
+import gfn.losses
 import gfn.task
 from envs.hypergrid import HyperGrid
 from gfn.evaluation import exact_terminal_distribution, l1_distance, true_terminal_distribution
@@ -583,12 +585,27 @@ def _timed(fn: Callable, totals: dict[str, float], name: str) -> Callable:
     return wrapper
 
 
+class _TimedLoss:
+    """A task's loss object whose call (the residuals and reduction, not its scoring) is timed
+    as "loss_fn"; everything else is the loss's own."""
+
+    def __init__(self, loss: Any, totals: dict[str, float]) -> None:
+        self.loss, self.call = loss, _timed(loss, totals, "loss_fn")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loss, name)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.call(*args)
+
+
 def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespace) -> None:
     """Where kinetic's iteration spends its time: phases, torch ops and Python functions.
 
     Trains `--profile-warmup` iterations first so that trajectory lengths are those of a
     partly trained policy, then measures `--profile-iters` iterations. The phases are timed by
-    wrapping `gfn.task`'s module-level functions in this process only.
+    wrapping `gfn.task`'s sampler, `gfn.losses`' log-prob scorer and the task's loss object in
+    this process only.
     """
     n, m = args.profile_iters, max(1, args.profile_iters // 4)
     steps = args.profile_warmup + n + 2 * m
@@ -596,10 +613,10 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
     run = KineticRun(kinetic_config(ndim, height, batch_size, steps, args.optim, args.seed, extra))
     run.train(args.profile_warmup)
     totals: dict[str, float] = {}
-    originals = (gfn.task.sample_trajectories, gfn.task.trajectory_log_probs, run.task.loss_fn)
+    originals = (gfn.task.sample_trajectories, gfn.losses.trajectory_log_probs, run.task.loss_fn)
     gfn.task.sample_trajectories = _timed(originals[0], totals, "sample_trajectories")
-    gfn.task.trajectory_log_probs = _timed(originals[1], totals, "trajectory_log_probs")
-    run.task.loss_fn = _timed(originals[2], totals, "loss_fn")
+    gfn.losses.trajectory_log_probs = _timed(originals[1], totals, "trajectory_log_probs")
+    run.task.loss_fn = _TimedLoss(originals[2], totals)
     try:
         # Phases: the loop's calls into the task and the optimizer, timed by wrappers; the
         # rest of the iteration (zero_grad, backward, gradient norm, guard, monitors, schedule,
@@ -665,7 +682,7 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
         print(f"cProfile, {m} iterations, top functions by own time:")
         print("\n".join(out.getvalue().splitlines()[4:]))
     finally:
-        gfn.task.sample_trajectories, gfn.task.trajectory_log_probs = originals[:2]
+        gfn.task.sample_trajectories, gfn.losses.trajectory_log_probs = originals[:2]
         run.task.loss_fn = originals[2]
 
 

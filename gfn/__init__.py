@@ -2,6 +2,7 @@
 
 from gfn.losses import (
     LOSSES,
+    GFlowNetLoss,
     detailed_balance,
     get_loss,
     log_partition_variance,
@@ -20,6 +21,7 @@ from gfn.sampler import (
 __all__ = [
     "LOSSES",
     "GFlowNet",
+    "GFlowNetLoss",
     "MLPPolicy",
     "PolicyOutput",
     "ReplayBuffer",

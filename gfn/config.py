@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gfn.losses import LOSSES
+from gfn.losses import LOSSES, get_loss
 from gfn.policies import ACTIVATIONS, BACKWARD_POLICIES
 from gfn.replay import PRIORITIES
 from kinetic.config import TaskSchema
-from kinetic.errors import ConfigError
+from kinetic.errors import ConfigError, refused_arguments
 from kinetic.registry import register_task
 from kinetic.validate import check_choice, check_float, check_int, check_probability
 
@@ -89,10 +89,13 @@ def _validate_model(node: Mapping[str, Any]) -> None:
 
 
 def _validate_loss(node: Mapping[str, Any]) -> None:
-    """`loss`: its name and sub-trajectory balance's lambda."""
-    name = check_choice("loss.name", node.get("name"), tuple(LOSSES))
-    if name == "subtb":
-        check_float("loss.lamda", node.get("lamda", 0.9), 0.0)
+    """`loss`: a registered loss name (or a `GFlowNetLoss` subclass's import path) and its
+    hyperparameters, which the loss's constructor checks (`loss.lamda` of subtb)."""
+    name = node.get("name")
+    if not (isinstance(name, str) and "." in name):
+        check_choice("loss.name", name, tuple(LOSSES))
+    with refused_arguments(f"loss={name}"):
+        get_loss(name, **{key: value for key, value in node.items() if key != "name"})
 
 
 def validate(cfg: Mapping[str, Any]) -> None:

@@ -21,27 +21,46 @@ log F(u_{n+1}) := log R(s_n), the exit transition having log P_F(exit | s_n) and
 With the potential A_k = log F(u_k) - sum_{t<k} (log P_F - log P_B)_t, the residual of the
 sub-trajectory u_i -> u_j is A_i - A_j: SubTB scores all of them from one cumulative sum.
 
-``fm`` and ``mdb`` score more than the trajectory's own log-probabilities: their inputs
-(`gfn.scores.EdgeFlowScores`, `gfn.scores.ExitScores`) come from the scorer in `SCORERS`.
+Each loss is also an object (`GFlowNetLoss`): it declares what it needs of the model
+(log-probs, a flow head, edge flows, exit scores, the learned log Z), computes those scores from
+one trunk pass (`score`), and scores a batch (`__call__`). A subclass with a `name` registers
+itself in `LOSSES`, so adding a loss is one class and one YAML file under configs/loss/
+(docs/extending.md, "Adding a loss"); `get_loss(name, **hparams)` builds one.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib
 import inspect
-from collections.abc import Callable
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from gfn.sampler import Trajectories, TrajectoryLogProbs
-from gfn.scores import EdgeFlowScores, ExitScores, edge_flow_scores, exit_scores
+from envs.base import Env
+from gfn.policies import GFlowNet
+from gfn.sampler import Trajectories, TrajectoryLogProbs, trajectory_log_probs
+from gfn.scores import (
+    EdgeFlowScores,
+    ExitScores,
+    edge_flow_scores,
+    exit_scores,
+    flow_log_z,
+    mdb_log_z,
+)
+from kinetic.validate import check_float
 
 __all__ = [
     "LOSSES",
-    "SCORERS",
-    "LossFn",
+    "NEEDS",
+    "DetailedBalance",
+    "FlowMatching",
+    "GFlowNetLoss",
+    "LogPartitionVariance",
+    "ModifiedDetailedBalance",
+    "SubTrajectoryBalance",
+    "TrajectoryBalance",
     "balance_potentials",
     "detailed_balance",
     "detailed_balance_residuals",
@@ -57,9 +76,10 @@ __all__ = [
     "trajectory_balance_residuals",
 ]
 
-LossFn = Callable[[Any, Trajectories, Tensor], Tensor]
-"""``loss(scores, trajectories, log_z) -> scalar``; `scores` is what the loss's scorer returns
-(`TrajectoryLogProbs` unless the loss is in `SCORERS`)."""
+# What a loss may need of the model: the trajectories' log P_F and log P_B, log F(s) from a flow
+# head, the edge flows of every visited state, P_F(exit | s) at every visited state, the learned
+# scalar log Z.
+NEEDS = ("log_probs", "log_flows", "edge_flows", "exit_scores", "log_z")
 
 
 def trajectory_balance_residuals(
@@ -251,105 +271,184 @@ def modified_detailed_balance(
     return per_trajectory.mean()
 
 
-def _require_flows(log_probs: TrajectoryLogProbs, loss: str) -> Tensor:
-    if log_probs.log_flows is None:
-        raise ValueError(
-            f"The {loss!r} loss needs log F(s) but the policy has no flow head; build it with "
-            "flow_head=True, or use 'tb' or 'zvar'"
-        )
-    return log_probs.log_flows
+# --- losses as objects -------------------------------------------------------------------------
+
+LOSSES: dict[str, type[GFlowNetLoss]] = {}
 
 
-def _tb(log_probs: TrajectoryLogProbs, trajectories: Trajectories, log_z: Tensor) -> Tensor:
-    return trajectory_balance(log_probs.log_pf, log_probs.log_pb, trajectories.log_rewards, log_z)
+class GFlowNetLoss(ABC):
+    """A GFlowNet objective: what it needs of the model, how it scores a batch.
 
-
-def _db(log_probs: TrajectoryLogProbs, trajectories: Trajectories, log_z: Tensor) -> Tensor:
-    return detailed_balance(
-        log_probs.log_pf,
-        log_probs.log_pb,
-        _require_flows(log_probs, "db"),
-        trajectories.log_rewards,
-        trajectories.lengths,
-    )
-
-
-def _subtb(
-    log_probs: TrajectoryLogProbs,
-    trajectories: Trajectories,
-    log_z: Tensor,
-    *,
-    lamda: float = 0.9,
-) -> Tensor:
-    return subtrajectory_balance(
-        log_probs.log_pf,
-        log_probs.log_pb,
-        _require_flows(log_probs, "subtb"),
-        trajectories.log_rewards,
-        trajectories.lengths,
-        lamda=lamda,
-    )
-
-
-def _zvar(log_probs: TrajectoryLogProbs, trajectories: Trajectories, log_z: Tensor) -> Tensor:
-    return log_partition_variance(log_probs.log_pf, log_probs.log_pb, trajectories.log_rewards)
-
-
-def _fm(scores: EdgeFlowScores, trajectories: Trajectories, log_z: Tensor) -> Tensor:
-    return flow_matching(
-        scores.log_inflows,
-        scores.log_outflows,
-        scores.log_exit_flows,
-        trajectories.log_rewards,
-        trajectories.lengths,
-    )
-
-
-def _mdb(scores: ExitScores, trajectories: Trajectories, log_z: Tensor) -> Tensor:
-    return modified_detailed_balance(
-        scores.log_pf, scores.log_pb, scores.log_pf_exit, scores.log_rewards, trajectories.lengths
-    )
-
-
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "tb": _tb,
-    "db": _db,
-    "subtb": _subtb,
-    "zvar": _zvar,
-    "fm": _fm,
-    "mdb": _mdb,
-}
-
-# Losses whose inputs are not `gfn.sampler.trajectory_log_probs`: the function that computes
-# them, ``scorer(gflownet, env, trajectories) -> scores``, from one trunk pass.
-SCORERS: dict[str, Callable[..., Any]] = {
-    "fm": edge_flow_scores,
-    "mdb": exit_scores,
-}
-
-
-def get_loss(name: str, **hparams: float) -> LossFn:
-    """The loss named `name` as ``loss(log_probs, trajectories, log_z) -> scalar``.
-
-    Names: ``tb``, ``db``, ``subtb`` (hyperparameter ``lamda``, default 0.9), ``zvar``, ``fm``,
-    ``mdb``. log Z is used by ``tb`` only; ``db`` and ``subtb`` need a policy with a flow head;
-    ``fm`` and ``mdb`` score the inputs their `SCORERS` entry computes (``mdb`` only on
-    environments where every state may exit).
+    Subclasses set `name` (the `loss.name` that selects it; a named subclass registers itself
+    in `LOSSES`) and `needs` (a subset of `NEEDS`), take their hyperparameters as keyword
+    arguments of `__init__` (validated there, naming the `loss.<key>`), and implement
+    `__call__(scores, trajectories, log_z) -> scalar`. The rest follows from `needs`: which
+    scores `score` computes, whether the policy needs a flow head, what `estimate_log_z`
+    reports and which scalars the loss logs.
     """
-    if name not in LOSSES:
-        raise ValueError(f"Unknown loss: {name!r}; valid: {', '.join(LOSSES)}")
-    loss = LOSSES[name]
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset({"log_probs"})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = sorted(set(cls.needs) - set(NEEDS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.needs: unknown {unknown}; valid: {', '.join(NEEDS)}")
+        if cls.name:
+            LOSSES[cls.name] = cls
+
+    @property
+    def flow_head(self) -> bool:
+        """Whether the policy must have a flow head (log F(s))."""
+        return "log_flows" in self.needs
+
+    def score(self, model: torch.nn.Module, env: Env, trajectories: Trajectories) -> Any:
+        """What `__call__` scores, from one trunk pass of `model` over the visited states:
+        edge flows, exit scores, or the trajectories' log-probabilities (and flows)."""
+        if "edge_flows" in self.needs:
+            return edge_flow_scores(model, env, trajectories)
+        if "exit_scores" in self.needs:
+            return exit_scores(model, env, trajectories)
+        return trajectory_log_probs(model, env, trajectories)
+
+    @abstractmethod
+    def __call__(self, scores: Any, trajectories: Trajectories, log_z: Tensor) -> Tensor:
+        """The loss of a batch, scalar (the reduction convention of the module docstring)."""
+
+    @torch.no_grad()
+    def estimate_log_z(self, model: GFlowNet, env: Env) -> Tensor | None:
+        """The model's estimate of log Z under this loss: the learned scalar if the loss trains
+        it, else log F(s0) from a flow head; None when the loss implies none."""
+        if "log_z" in self.needs:
+            return model.log_z.detach()
+        if "log_flows" in self.needs:
+            s0 = env.initial_states(1)
+            return model(env.featurize(s0)).log_flow[0]
+        return None
+
+    def scalars(self, model: GFlowNet) -> dict[str, Tensor]:
+        """Extra training scalars (device tensors): the learned log Z, if the loss trains it."""
+        return {"train/log_z": model.log_z.detach()} if "log_z" in self.needs else {}
+
+    def _flows(self, log_probs: TrajectoryLogProbs) -> Tensor:
+        if log_probs.log_flows is None:
+            raise ValueError(
+                f"The {self.name!r} loss needs log F(s) but the policy has no flow head; build "
+                "it with flow_head=True, or use 'tb' or 'zvar'"
+            )
+        return log_probs.log_flows
+
+
+class TrajectoryBalance(GFlowNetLoss):
+    """Trajectory balance (arXiv 2201.13259), with the learned log Z."""
+
+    name = "tb"
+    needs = frozenset({"log_probs", "log_z"})
+
+    def __call__(self, scores, trajectories, log_z):
+        return trajectory_balance(scores.log_pf, scores.log_pb, trajectories.log_rewards, log_z)
+
+
+class DetailedBalance(GFlowNetLoss):
+    """Detailed balance (arXiv 2111.09266), with log F(s) from a flow head."""
+
+    name = "db"
+    needs = frozenset({"log_probs", "log_flows"})
+
+    def __call__(self, scores, trajectories, log_z):
+        return detailed_balance(scores.log_pf, scores.log_pb, self._flows(scores),
+                                trajectories.log_rewards, trajectories.lengths)  # fmt: skip
+
+
+class SubTrajectoryBalance(GFlowNetLoss):
+    """Sub-trajectory balance (arXiv 2209.12782), sub-trajectories weighted lamda^length."""
+
+    name = "subtb"
+    needs = frozenset({"log_probs", "log_flows"})
+
+    def __init__(self, *, lamda: float = 0.9) -> None:
+        self.lamda = check_float("loss.lamda", lamda, 0.0)
+
+    def __call__(self, scores, trajectories, log_z):
+        return subtrajectory_balance(scores.log_pf, scores.log_pb, self._flows(scores),
+                                     trajectories.log_rewards, trajectories.lengths,
+                                     lamda=self.lamda)  # fmt: skip
+
+
+class LogPartitionVariance(GFlowNetLoss):
+    """Log-partition variance (arXiv 2302.05446): no log Z is learned or implied."""
+
+    name = "zvar"
+    needs = frozenset({"log_probs"})
+
+    def __call__(self, scores, trajectories, log_z):
+        return log_partition_variance(scores.log_pf, scores.log_pb, trajectories.log_rewards)
+
+
+class FlowMatching(GFlowNetLoss):
+    """Flow matching (arXiv 2106.04399) on the edge flows of every visited state."""
+
+    name = "fm"
+    needs = frozenset({"edge_flows"})
+
+    def __call__(self, scores: EdgeFlowScores, trajectories, log_z):
+        return flow_matching(scores.log_inflows, scores.log_outflows, scores.log_exit_flows,
+                             trajectories.log_rewards, trajectories.lengths)  # fmt: skip
+
+    @torch.no_grad()
+    def estimate_log_z(self, model, env):
+        """log F(s0), the total flow out of s0."""
+        return flow_log_z(model, env)
+
+
+class ModifiedDetailedBalance(GFlowNetLoss):
+    """Modified detailed balance (arXiv 2202.13903), for environments where every state may
+    exit: F(s) = R(s) / P_F(exit | s)."""
+
+    name = "mdb"
+    needs = frozenset({"exit_scores"})
+
+    def __call__(self, scores: ExitScores, trajectories, log_z):
+        return modified_detailed_balance(scores.log_pf, scores.log_pb, scores.log_pf_exit,
+                                         scores.log_rewards, trajectories.lengths)  # fmt: skip
+
+    @torch.no_grad()
+    def estimate_log_z(self, model, env):
+        """log R(s0) - log P_F(exit | s0)."""
+        return mdb_log_z(model, env)
+
+
+def loss_class(name: str) -> type[GFlowNetLoss]:
+    """The loss registered as `name`, or a `GFlowNetLoss` subclass by its import path
+    (`my_losses.MyLoss`, for a loss outside this package)."""
+    if name in LOSSES:
+        return LOSSES[name]
+    if isinstance(name, str) and "." in name:
+        module, _, attr = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"Unknown loss: {name!r}; not importable ({err})") from err
+        if isinstance(cls, type) and issubclass(cls, GFlowNetLoss):
+            return cls
+        raise ValueError(f"Unknown loss: {name!r} is {cls!r}, not a GFlowNetLoss subclass")
+    raise ValueError(f"Unknown loss: {name!r}; valid: {', '.join(LOSSES)}")
+
+
+def get_loss(name: str, **hparams: Any) -> GFlowNetLoss:
+    """The loss named `name`, built with its hyperparameters (e.g. ``lamda`` for ``subtb``):
+    ``loss(scores, trajectories, log_z) -> scalar``, with ``loss.score(model, env, batch)``
+    computing its scores."""
+    cls = loss_class(name)
     valid = [
-        p.name for p in inspect.signature(loss).parameters.values() if p.kind is p.KEYWORD_ONLY
-    ]
+        p.name for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    ]  # fmt: skip
     unknown = sorted(set(hparams) - set(valid))
     if unknown:
         raise ValueError(
             f"Unknown hyperparameter(s) {', '.join(unknown)} for loss {name!r}; "
             f"valid: {', '.join(valid) if valid else 'none'}"
         )
-    if name == "subtb" and "lamda" in hparams:
-        lamda = hparams["lamda"]
-        if not 0.0 <= lamda < float("inf"):
-            raise ValueError(f"Invalid lamda: {lamda}; it must be non-negative and finite")
-    return functools.partial(loss, **hparams) if hparams else loss
+    return cls(**hparams)

@@ -31,7 +31,8 @@ __all__ = [
     "ExitScores",
     "edge_flow_scores",
     "exit_scores",
-    "implied_log_z",
+    "flow_log_z",
+    "mdb_log_z",
 ]
 
 
@@ -195,18 +196,19 @@ def exit_scores(
 
 
 @torch.no_grad()
-def implied_log_z(loss: str, gflownet: GFlowNet, env: Env) -> Tensor:
-    """The model's estimate of log Z under losses that learn no log Z parameter, scalar.
-
-    ``fm``: log F(s0), the total flow out of s0 (the logsumexp of its legal log edge flows).
-    ``mdb``: log R(s0) - log P_F(exit | s0), since at the optimum P_F(exit | s) = R(s) / F(s).
-    """
+def flow_log_z(gflownet: GFlowNet, env: Env) -> Tensor:
+    """log F(s0), the total flow out of s0 (the logsumexp of its legal log edge flows): the
+    log Z that flow matching's edge flows imply, scalar."""
     s0 = env.initial_states(1)  # (1, *S)
     logits = gflownet(env.featurize(s0)).pf_logits  # (1, A)
-    mask = env.forward_mask(s0)  # (1, A)
-    if loss == "fm":
-        return _masked_logsumexp(logits, mask)[0]
-    if loss == "mdb":
-        log_pf_exit = masked_log_softmax(logits, mask)[0, env.stop_action]
-        return env.log_reward(s0)[0].to(logits.dtype) - log_pf_exit
-    raise ValueError(f"No implied log Z for loss {loss!r}; valid: fm, mdb")
+    return _masked_logsumexp(logits, env.forward_mask(s0))[0]
+
+
+@torch.no_grad()
+def mdb_log_z(gflownet: GFlowNet, env: Env) -> Tensor:
+    """log R(s0) - log P_F(exit | s0): the log Z that modified detailed balance implies, since
+    at its optimum P_F(exit | s) = R(s) / F(s); scalar."""
+    s0 = env.initial_states(1)  # (1, *S)
+    logits = gflownet(env.featurize(s0)).pf_logits  # (1, A)
+    log_pf_exit = masked_log_softmax(logits, env.forward_mask(s0))[0, env.stop_action]
+    return env.log_reward(s0)[0].to(logits.dtype) - log_pf_exit

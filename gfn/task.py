@@ -23,11 +23,10 @@ from gfn.evaluation import (
     terminal_index,
     true_terminal_distribution,
 )
-from gfn.losses import SCORERS, get_loss
+from gfn.losses import GFlowNetLoss, get_loss
 from gfn.policies import GFlowNet, MLPPolicy, masked_log_softmax
 from gfn.replay import ReplayBuffer
-from gfn.sampler import Trajectories, sample_trajectories, trajectory_log_probs
-from gfn.scores import implied_log_z
+from gfn.sampler import Trajectories, sample_trajectories
 from gfn.state_dag import has_modes, implements, is_enumerable
 from kinetic import distributed
 from kinetic.checkpoint import CheckpointError, check_state_shapes
@@ -35,8 +34,6 @@ from kinetic.device import resolve_device
 from kinetic.errors import ConfigError, call_with_config
 from kinetic.task import Task
 
-# Losses that score state flows log F(s), so the policy needs a flow head.
-_FLOW_LOSSES = ("db", "subtb")
 MODELS = ("mlp", "gnn")
 
 
@@ -60,9 +57,9 @@ def build_env(cfg: DictConfig) -> Env:
     return env
 
 
-def build_policy(cfg: DictConfig, env: Env) -> torch.nn.Module:
-    """The policy network of `cfg.model` for `env` (input width read from `featurize`)."""
-    flow_head = cfg.loss.name in _FLOW_LOSSES
+def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn.Module:
+    """The policy network of `cfg.model` for `env` (input width read from `featurize`), with
+    a flow head log F(s) when the loss needs one."""
     if cfg.model.name == "mlp":
         features = env.featurize(env.initial_states(1))
         if not isinstance(features, Tensor):
@@ -93,10 +90,11 @@ class GFlowNetTask(Task):
 
     Args:
         env: the environment (envs/; `check_env(env)` tells what is wrong with a new one).
-        model: the `GFlowNet` (policy and log Z); a flow-scoring loss (db, subtb) needs a
+        model: the `GFlowNet` (policy and log Z); a loss that needs log F(s) (db, subtb) needs a
             policy with a flow head (`MLPPolicy(..., flow_head=True)`).
-        loss: the loss name (gfn/losses.py: tb, db, subtb, zvar).
-        loss_options: the loss's own arguments, e.g. ``{"lamda": 0.9}`` for subtb.
+        loss: the loss (a `gfn.losses.GFlowNetLoss`), or its name (gfn/losses.py: tb, db,
+            subtb, zvar, fm, mdb).
+        loss_options: the named loss's own arguments, e.g. ``{"lamda": 0.9}`` for subtb.
         batch_size: trajectories per step, over all ranks of a distributed run (each rank
             samples batch_size / world_size of them).
         log_z_lr: log Z's own learning rate (None: the optimizer's).
@@ -125,7 +123,7 @@ class GFlowNetTask(Task):
         self,
         env: Env,
         model: GFlowNet,
-        loss: str = "tb",
+        loss: GFlowNetLoss | str = "tb",
         *,
         loss_options: Mapping[str, Any] | None = None,
         batch_size: int = 16,
@@ -140,8 +138,9 @@ class GFlowNetTask(Task):
     ) -> None:
         self.env = env
         self.model = model
-        self.loss_fn = get_loss(loss, **dict(loss_options or {}))
-        self.loss_name = loss
+        if isinstance(loss, str):
+            loss = get_loss(loss, **dict(loss_options or {}))
+        self.loss_fn = loss
         self.batch_size = batch_size  # global: split over the ranks of a distributed run
         self.local_batch_size = distributed.per_rank(batch_size, "task.batch_size")
         self.epsilon, self.temperature = epsilon, temperature
@@ -181,7 +180,9 @@ class GFlowNetTask(Task):
         env = build_env(cfg).to(device)
         if tc.check_env:  # a few random rollouts: tells an env author what is wrong, in words
             check_env(env, seed=cfg.seed)
-        model = GFlowNet(build_policy(cfg, env), log_z_init=tc.log_z_init).to(device)
+        loss = get_loss(cfg.loss.name, **{k: v for k, v in cfg.loss.items() if k != "name"})
+        policy = build_policy(cfg, env, flow_head=loss.flow_head)
+        model = GFlowNet(policy, log_z_init=tc.log_z_init).to(device)
         if cfg.get("compile", False):
             model.policy.compile(dynamic=True)  # in place: the state dict keeps its keys
         replay = None
@@ -190,9 +191,8 @@ class GFlowNetTask(Task):
             capacity = math.ceil(tc.replay.capacity / distributed.world_size())
             replay = ReplayBuffer(env, capacity, tc.replay.priority)
         return cls(
-            env, model, cfg.loss.name,
-            loss_options={k: v for k, v in cfg.loss.items() if k != "name"},
-            batch_size=tc.batch_size, log_z_lr=tc.log_z_lr, log_z_beta3=tc.get("log_z_beta3"),
+            env, model, loss, batch_size=tc.batch_size, log_z_lr=tc.log_z_lr,
+            log_z_beta3=tc.get("log_z_beta3"),
             epsilon=tc.epsilon, temperature=tc.temperature, eval_samples=tc.eval_samples,
             replay=replay, replay_fraction=tc.replay.fraction, seed=cfg.seed,
         )  # fmt: skip
@@ -228,9 +228,8 @@ class GFlowNetTask(Task):
                 batch = Trajectories.concatenate([batch, old])
         # The one gradient-carrying forward pass goes through `model` (DDP in a distributed
         # run); log Z enters the loss outside it, and DDP averages its gradient too.
-        loss = self.loss_fn(self._score(batch, model), batch, self.model.log_z)
-        extras = {"train/log_z": self.model.log_z.detach()} if self.loss_name == "tb" else {}
-        return loss, extras
+        loss = self.loss_fn(self.loss_fn.score(model, self.env, batch), batch, self.model.log_z)
+        return loss, self.loss_fn.scalars(self.model)
 
     def probe_loss(self, step: int) -> Tensor:
         """The loss of a fresh on-policy batch for the sharpness probe, with no side effects: its
@@ -240,14 +239,8 @@ class GFlowNetTask(Task):
         batch = sample_trajectories(
             self.model, self.env, self.local_batch_size, generator, self.epsilon, self.temperature
         )
-        return self.loss_fn(self._score(batch, self.model), batch, self.model.log_z)
-
-    def _score(self, batch: Trajectories, model: torch.nn.Module) -> Any:
-        """What the loss scores, through `model`: its own scorer's output (fm, mdb), else the
-        log-probs."""
-        if self.loss_name in SCORERS:
-            return SCORERS[self.loss_name](model, self.env, batch)
-        return trajectory_log_probs(model, self.env, batch)
+        scores = self.loss_fn.score(self.model, self.env, batch)
+        return self.loss_fn(scores, batch, self.model.log_z)
 
     def gather_from_ranks(self) -> None:
         """The terminal states and targets any rank has drawn (two all-reduces)."""
@@ -261,19 +254,11 @@ class GFlowNetTask(Task):
         logits = self.model(self.env.featurize(states)).pf_logits
         return masked_log_softmax(logits, self.env.forward_mask(states))
 
-    @torch.no_grad()
     def log_z(self) -> Tensor | None:
-        """The model's estimate of log Z: the learned scalar for TB, log F(s0) for flow losses,
-        none for the log-partition variance loss (which learns no log Z), and for fm and mdb
-        the one their flows imply (`gfn.scores.implied_log_z`)."""
-        if self.loss_name in SCORERS:
-            return implied_log_z(self.loss_name, self.model, self.env)
-        if self.loss_name in _FLOW_LOSSES:
-            s0 = self.env.initial_states(1)
-            return self.model(self.env.featurize(s0)).log_flow[0]
-        if self.loss_name == "zvar":
-            return None
-        return self.model.log_z.detach()
+        """The model's estimate of log Z under its loss (`GFlowNetLoss.estimate_log_z`): the
+        learned scalar for TB, log F(s0) for flow losses, the one fm's and mdb's flows imply,
+        none for the log-partition variance loss."""
+        return self.loss_fn.estimate_log_z(self.model, self.env)
 
     def evaluate(self, step: int) -> dict[str, float]:
         log_z = self.log_z()
