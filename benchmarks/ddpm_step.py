@@ -206,7 +206,7 @@ def main() -> None:
     print(f"DDPM train step, default task=ddpm config {args.overrides}, CPU, "
           f"{args.rounds} rounds x {args.steps} steps, load average {load:.2f}; kinetic's "
           f"monitors: signals on 2 of every {monitor.every} steps, sharpness probe every "
-          f"{monitor.sharpness_every} steps (not in these rounds); mean = every timed step, "
+          f"{monitor.sharpness.every} steps (not in these rounds); mean = every timed step, "
           "median = the typical step")  # fmt: skip
     print(f"{'threads':>7}  {'variant':<20} {'median ms':>9} {'mean ms':>8} "
           f"{'median vs ' + BASELINE:>22} {'mean vs ' + BASELINE:>20}")  # fmt: skip

@@ -770,8 +770,9 @@ def main() -> None:
         f"TB, MLP 256x2, P_B on the shared trunk, {args.optim} lr 1e-3 + log Z lr 0.1 (constant), "
         f"on-policy, {args.rounds} interleaved chunks; exact L1 = sum|p - p*| in [0, 2] after the "
         f"budget. kinetic: `python train.py`'s monitor=default (non-finite guard "
-        f"{'on' if monitor.nonfinite else 'off'}, per-step signals on steps k-1 and k of every "
-        f"k={monitor.every}, sharpness probe every {monitor.sharpness_every} steps), log_every, "
+        f"{'on' if monitor.nonfinite.enabled else 'off'}, per-step signals on steps k-1 and k of "
+        "every "
+        f"k={monitor.every}, sharpness probe every {monitor.sharpness.every} steps), log_every, "
         "clip_grad_norm as configured; kinetic monitors off: monitor=off",
         flush=True,
     )

@@ -14,7 +14,7 @@ signals on 2 of every `monitor.every` steps, the logged scalars every `train.log
 steps); "median" is the typical step, which hides that work. The sharpness probe runs every
 `monitor.sharpness.every` steps, more than a short run has, so it is timed on its own and
 reported amortised over that interval; the interval is read from the config composed at run
-time (configs/monitor/default.yaml on top of MonitorSchema) and printed.
+time (configs/monitor/default.yaml on top of MonitorConfig) and printed.
 
     python benchmarks/monitor_overhead.py [--threads 1] [--reps 3]
 """
@@ -111,7 +111,7 @@ def main() -> None:
             off, on = values["off"], values["default"]
             print(f"  {stat:<6} step off={1e3 * off:.3f} ms default={1e3 * on:.3f} ms "
                   f"ratio={on / off:.3f} ({on / off - 1:+.1%})")  # fmt: skip
-        every = monitor_cfg.sharpness_every
+        every = monitor_cfg.sharpness.every
         if every > 0:
             probe = _probe_seconds(task_name)
             amortised = mean["default"] + probe / every

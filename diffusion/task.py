@@ -27,6 +27,7 @@ from kinetic.checkpoint import check_state_shapes
 from kinetic.config import TrainConfig
 from kinetic.device import resolve_device
 from kinetic.task import Task
+from kinetic.validate import check_choice, check_int
 
 
 def build_unet(model_cfg: DictConfig | dict, channels: int, resolution: int) -> UNet2DModel:
@@ -62,16 +63,10 @@ def build_noise_scheduler(task_cfg: DictConfig | dict) -> DDPMScheduler:
 
 
 def check_lr_schedule(name: str, warmup_steps: int, steps: int) -> None:
-    """Raise ValueError unless diffusers' schedule `name` can run `steps` with this warm-up."""
-    if name not in LR_SCHEDULES:
-        raise ValueError(
-            f"Unknown train.lr_schedule: {name!r}; "
-            f"available for task=ddpm: {', '.join(LR_SCHEDULES)}"
-        )
-    if not 0 <= warmup_steps <= steps:
-        raise ValueError(
-            f"Invalid train.warmup_steps: {warmup_steps}; expected an int in [0, {steps}]"
-        )
+    """Refuse (`ConfigError`) a diffusers schedule `name` that cannot run `steps` with this
+    warm-up, in the words of the command line's check of the same keys."""
+    check_choice("train.lr_schedule", name, LR_SCHEDULES)
+    check_int("train.warmup_steps", warmup_steps, 0, steps)
 
 
 class DDPMTask(Task):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gfn.losses import LOSSES, get_loss
-from gfn.policies import ACTIVATIONS, BACKWARD_POLICIES
+from gfn.policies import check_policy_arguments
 from gfn.replay import PRIORITIES
 from kinetic.config import TaskSchema
 from kinetic.errors import ConfigError, refused_arguments
@@ -79,13 +79,13 @@ def _validate_task(node: Mapping[str, Any]) -> None:
 
 
 def _validate_model(node: Mapping[str, Any]) -> None:
-    """`model`: the MLP or GNN policy's sizes, backward policy and activation."""
+    """`model`: which policy network, and its keys by the networks' own check."""
     name = check_choice("model.name", node.get("name"), MODELS)
-    check_int("model.hidden", node.get("hidden"), 1)
-    check_int("model.n_layers", node.get("n_layers"), 1)
-    check_choice("model.backward", node.get("backward", "learned"), BACKWARD_POLICIES)
-    if name == "mlp":
-        check_choice("model.activation", node.get("activation", "relu"), tuple(ACTIVATIONS))
+    mlp = name == "mlp"
+    activation = node.get("activation") if mlp else None
+    check_policy_arguments(
+        node.get("hidden"), node.get("n_layers"), node.get("backward"), activation, int(mlp)
+    )
 
 
 def _validate_loss(node: Mapping[str, Any]) -> None:

@@ -16,7 +16,8 @@ from torch_geometric.data import Batch
 from torch_geometric.nn import GINConv, global_add_pool
 
 from envs.base import Env
-from gfn.policies import PolicyOutput, has_learned_backward
+from gfn.policies import PolicyOutput, check_policy_arguments, has_learned_backward
+from kinetic.validate import check_int
 
 __all__ = ["GNNPolicy", "build_gnn_policy"]
 
@@ -65,14 +66,9 @@ class GNNPolicy(nn.Module):
         flow_head: bool = False,
     ) -> None:
         super().__init__()
-        for name, value, low in (
-            ("n_node_features", n_node_features, 1),
-            ("max_nodes", max_nodes, 1),
-            ("hidden", hidden, 1),
-            ("n_layers", n_layers, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Invalid {name}: {value!r}; it must be an int >= {low}")
+        check_int("n_node_features", n_node_features, 1)
+        check_int("env.max_nodes", max_nodes, 1)
+        check_policy_arguments(hidden, n_layers, backward, min_layers=0)
         n_pairs = max_nodes * (max_nodes - 1) // 2
         n_types = n_actions - n_pairs - 1
         if n_types < 1:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kinetic.validate import check_choice, check_int
+
 __all__ = [
     "GFlowNet",
     "MLPPolicy",
@@ -73,13 +75,21 @@ def uniform_log_probs(mask: Tensor) -> Tensor:
 
 def has_learned_backward(backward: str) -> bool:
     """Whether a policy's `backward` option asks for a learned P_B head (else uniform P_B)."""
-    if backward == "learned":
-        return True
-    if backward == "uniform":
-        return False
-    raise ValueError(
-        f"Unknown backward policy: {backward!r}; valid: {', '.join(BACKWARD_POLICIES)}"
-    )
+    return check_choice("model.backward", backward, BACKWARD_POLICIES) == "learned"
+
+
+def check_policy_arguments(
+    hidden: int, n_layers: int, backward: str, activation: str | None = None, min_layers: int = 1
+) -> None:
+    """The policy networks' own `model.*` keys, in one place: checked by `MLPPolicy` and
+    `GNNPolicy` when built and, before a run does any work, by the task's config check.
+    `activation`: the MLP's (None for the GNN); `min_layers`: 1 for the MLP, 0 for the GNN
+    (its node embedding alone)."""
+    check_int("model.hidden", hidden, 1)
+    check_int("model.n_layers", n_layers, min_layers)
+    check_choice("model.backward", backward, BACKWARD_POLICIES)
+    if activation is not None:
+        check_choice("model.activation", activation, tuple(ACTIVATIONS))
 
 
 class MLPPolicy(nn.Module):
@@ -116,19 +126,10 @@ class MLPPolicy(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        if n_features < 1:
-            raise ValueError(f"Invalid n_features: {n_features}; it must be at least 1")
-        if n_actions < 2:
-            raise ValueError(
-                f"Invalid n_actions: {n_actions}; it must be at least 2 (one move and exit)"
-            )
-        if hidden < 1:
-            raise ValueError(f"Invalid hidden: {hidden}; it must be at least 1")
-        if n_layers < 1:
-            raise ValueError(f"Invalid n_layers: {n_layers}; it must be at least 1")
+        check_int("n_features", n_features, 1)
+        check_int("n_actions", n_actions, 2)  # one move and exit
+        check_policy_arguments(hidden, n_layers, backward, activation)
         learned_pb = has_learned_backward(backward)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"Unknown activation: {activation!r}; valid: {', '.join(ACTIVATIONS)}")
         self.n_actions = n_actions
         self.backward = backward
         self.learned_pb = learned_pb

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from envs.base import Env
 from envs.checker import check_env
+from gfn.config import MODELS
 from gfn.estimators import terminal_log_probs
 from gfn.evaluation import (
     exact_metrics,
@@ -33,8 +34,6 @@ from kinetic.checkpoint import CheckpointError, check_state_shapes
 from kinetic.device import resolve_device
 from kinetic.errors import ConfigError, call_with_config
 from kinetic.task import Task
-
-MODELS = ("mlp", "gnn")
 
 
 def build_env(cfg: DictConfig) -> Env:
@@ -81,7 +80,7 @@ def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn
         from gfn.gnn import build_gnn_policy  # torch-geometric is imported only when needed
 
         return build_gnn_policy(cfg.model, env, flow_head=flow_head)
-    raise ValueError(f"Unknown model: {cfg.model.name!r}; available: {', '.join(MODELS)}")
+    raise ConfigError(f"Unknown model.name: {cfg.model.name!r}; valid: {', '.join(MODELS)}")
 
 
 class GFlowNetTask(Task):

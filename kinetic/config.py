@@ -17,7 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from kinetic.stability.monitors import MonitorSchema
+from kinetic.stability.monitors import MonitorConfig
 from kinetic.validate import validate_train
 
 
@@ -113,7 +113,7 @@ class KineticConfig:
     loss: Any = MISSING
     data: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
-    monitor: MonitorSchema = field(default_factory=MonitorSchema)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0  # seeds the model's initialisation and every stream of the run
     threads: int = 1  # CPU intra-op threads: 1 is fastest for small models on a 2-core machine

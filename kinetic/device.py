@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from optim.validation import ConfigError
+
 __all__ = ["DEVICES", "available_devices", "resolve_device"]
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -37,13 +39,13 @@ def resolve_device(name: str | torch.device) -> torch.device:
     ``cuda`` means the current CUDA device (``cuda:0`` unless changed), as in torch.
 
     Raises:
-        ValueError: `name` is not one of ``auto, cpu, cuda, cuda:N, mps``, or names a device
-            this machine does not have (the message lists the ones it has).
+        ConfigError (a ValueError): `name` is not one of ``auto, cpu, cuda, cuda:N, mps``, or
+            names a device this machine does not have (the message lists the ones it has).
     """
     if isinstance(name, torch.device):
         name = str(name)
     if not isinstance(name, str):
-        raise TypeError(f"Invalid device: {name!r}; expected one of {', '.join(DEVICES)}")
+        raise ConfigError(f"Unknown device: {name!r}; valid: {', '.join(DEVICES)}")
     key = name.strip().lower()
     if key == "auto":
         if torch.cuda.is_available():
@@ -60,13 +62,13 @@ def resolve_device(name: str | torch.device) -> torch.device:
         if index is not None:
             wanted = int(index.group(1))
         if wanted is None or wanted >= count:
-            raise ValueError(_unavailable(name))
+            raise ConfigError(_unavailable(name))
         return torch.device("cuda", wanted)
     if key == "mps":
         if not _mps_available():
-            raise ValueError(_unavailable(name))
+            raise ConfigError(_unavailable(name))
         return torch.device("mps")
-    raise ValueError(f"Invalid device: {name!r}; expected one of {', '.join(DEVICES)}")
+    raise ConfigError(f"Unknown device: {name!r}; valid: {', '.join(DEVICES)}")
 
 
 def _unavailable(name: str) -> str:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from optim.validation import ConfigError
+
 __all__ = [
     "agree",
     "any_over_ranks",
@@ -111,7 +113,7 @@ def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 1800.0)
         return False
     missing = [k for k in _ENV if k not in os.environ]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set; start "
             "distributed runs with torchrun (python -m torch.distributed.run), which sets them"
         )
@@ -119,7 +121,7 @@ def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 1800.0)
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = device_for_rank(device)
     if device.type not in BACKENDS:
-        raise ValueError(
+        raise ConfigError(
             f"Invalid device for a distributed run: {device.type!r}; expected one of "
             f"{', '.join(BACKENDS)} (gloo on CPU, nccl on CUDA)"
         )
@@ -209,7 +211,7 @@ def per_rank(total: int, key: str) -> int:
     config entry in the error when the split is uneven."""
     n = world_size()
     if total % n != 0 or total < n:
-        raise ValueError(
+        raise ConfigError(
             f"Invalid {key}: {total} is not a positive multiple of the number of processes "
             f"({n}); it is the global count, split evenly over the ranks"
         )

@@ -1,10 +1,12 @@
 """User errors: bad config values, options, files and environments, refused in one line.
 
-`ConfigError` is the one exception type that `train.py` turns into a single line on stderr and
-exit code 2 (a full traceback with `debug=true`). Everything else keeps its traceback: a
-`ValueError` raised deep inside the training step is a bug, not a user error, and must not be
-disguised as one. Validation (`kinetic/validate.py`), the checkpoint and run-directory checks
-(`kinetic/checkpoint.py`) and the builders at the config boundary raise it; third-party or
+`ConfigError` (defined with the checks in `optim.validation`, the lowest layer, and re-exported
+here) is the one exception type of a refused value, which `train.py` turns into a single line
+on stderr and exit code 2 (a full traceback with `debug=true`). Everything else keeps its
+traceback: a `ValueError` raised deep inside the training step is a bug, not a user error, and
+must not be disguised as one. The checks (`optim.validation`, `kinetic.validate`), the
+checkpoint and run-directory checks (`kinetic/checkpoint.py`) and the builders at the config
+boundary raise it; third-party or
 author-written constructors that refuse their arguments with `ValueError` are wrapped by
 `refused_arguments` (their own message kept, the config key prefixed). That wrapper goes around
 a constructor call at the config boundary only: inside it a `ValueError` or `TypeError` is, by
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from optim.validation import keyword_parameters
+from optim.validation import ConfigError, keyword_parameters
 
 __all__ = [
     "EXIT_DIVERGED",
@@ -31,13 +33,6 @@ __all__ = [
 
 EXIT_USER_ERROR = 2  # a refused input: nothing ran (scripts and sweeps tell it from a divergence)
 EXIT_DIVERGED = 1  # the run started and diverged (non-finite loss or too many skipped steps)
-
-
-class ConfigError(ValueError):
-    """A user error: the message names the key or value, what was wrong and the valid choices.
-
-    A subclass of `ValueError`, so code that catches the standard type keeps working.
-    """
 
 
 @contextmanager

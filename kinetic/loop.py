@@ -73,11 +73,11 @@ def _build_monitors(
     if monitor is None:
         return None, None
     stability = None
-    if monitor.every > 0 or monitor.sharpness_every > 0:
+    if monitor.every > 0 or monitor.sharpness.every > 0:
         stability = StabilityMonitor(monitor, optimizer, interval=interval)
     guard = None
-    if monitor.nonfinite:
-        guard = NonFiniteGuard(task.model.named_parameters(), monitor.max_consecutive)
+    if monitor.nonfinite.enabled:
+        guard = NonFiniteGuard(task.model.named_parameters(), monitor.nonfinite.max_consecutive)
     return stability, guard
 
 
@@ -404,8 +404,8 @@ def train(
     A step whose loss or gradients are not finite is skipped when the guard is on: no optimizer
     step, no schedule step, no `after_step`, no callbacks, and the step number does not
     advance, so the next iteration draws a new batch for the same step. Raises
-    `NonFiniteError` (after writing a checkpoint) once `monitor.max_consecutive` steps in a
-    row were skipped, and `FloatingPointError` if the final loss is not finite.
+    `NonFiniteError` (after writing a checkpoint) once `monitor.nonfinite.max_consecutive` steps
+    in a row were skipped, and `FloatingPointError` if the final loss is not finite.
     """
     # Build: the settings, then the schedule, DDP wrapper, monitors and checkpoints.
     config = (TrainConfig() if config is None else config).validate()

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optim.validation import check_choice
+
 __all__ = ["OVERFLOW_MIN_SCALE", "PRECISIONS", "Precision"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,10 +53,7 @@ class Precision:
     """
 
     def __init__(self, name: str, device: torch.device | str) -> None:
-        if name not in PRECISIONS:
-            choices = ", ".join(PRECISIONS)
-            raise ValueError(f"Invalid precision: {name!r}; expected one of {choices}")
-        self.name = name
+        self.name = check_choice("precision", name, tuple(PRECISIONS))
         self.device = torch.device(device)
         self.dtype = PRECISIONS[name]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=name == "fp16")

@@ -7,6 +7,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from optim.validation import check_choice, check_int
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -28,11 +30,8 @@ def lr_multiplier(step: int, name: str, warmup_steps: int, total_steps: int) -> 
 def build_schedule(
     optimizer: Optimizer, name: str, warmup_steps: int, total_steps: int
 ) -> LambdaLR:
-    """A `LambdaLR` following `lr_multiplier`; validated here, at the config boundary."""
-    if name not in SCHEDULES:
-        raise ValueError(f"Unknown lr schedule: {name!r}; available: {', '.join(SCHEDULES)}")
-    if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(
-            f"Invalid warmup_steps: {warmup_steps}; expected an int in [0, {total_steps}]"
-        )
+    """A `LambdaLR` following `lr_multiplier`; its arguments checked as `train.lr_schedule` and
+    `train.warmup_steps` (the command line checks them, in the same words, before the run)."""
+    check_choice("train.lr_schedule", name, SCHEDULES)
+    check_int("train.warmup_steps", warmup_steps, 0, total_steps)
     return LambdaLR(optimizer, lambda step: lr_multiplier(step, name, warmup_steps, total_steps))

@@ -40,8 +40,8 @@ def heavy_ball_momentum(
 
 def _validate(lr: float, delta: float, weight_decay: float) -> None:
     check_lr(lr)
-    check_float("delta", delta, 0.0, 1.0, open_low=True, open_high=False)
-    check_float("weight_decay", weight_decay)
+    check_float("delta", delta, 0.0, 1.0, low_open=True)
+    check_float("weight_decay", weight_decay, 0.0)
 
 
 def _acc_dtype(tensors: list[Tensor]) -> torch.dtype:
@@ -265,8 +265,8 @@ class AdaHBAdam(_AdaHB):
         maximize: bool = False,
     ) -> None:
         _validate(lr, delta, weight_decay)
-        check_float("beta2", beta2, 0.0, 1.0)
-        check_float("eps", eps, open_low=True)
+        check_float("beta2", beta2, 0.0, 1.0, high_open=True)
+        check_float("eps", eps, 0.0, low_open=True)
         defaults = dict(
             lr=lr, beta2=beta2, delta=delta, eps=eps, weight_decay=weight_decay, maximize=maximize
         )

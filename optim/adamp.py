@@ -16,7 +16,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from optim.adam_state import init_adam_state
 from optim.template import evaluate_closure, gather, hyperparameters
-from optim.validation import check_betas, check_bool, check_float, check_lr
+from optim.validation import ConfigError, check_betas, check_bool, check_float, check_lr
 
 __all__ = ["SGDP", "AdamP", "adamp", "project_radial", "sgdp"]
 
@@ -25,10 +25,10 @@ def _check_common(
     lr: float, eps: float, weight_decay: float, delta: float, wd_ratio: float, nesterov: bool
 ) -> None:
     check_lr(lr)
-    check_float("eps", eps, open_low=True)
-    check_float("weight_decay", weight_decay)
-    check_float("delta", delta, open_low=True)
-    check_float("wd_ratio", wd_ratio, 0.0, 1.0, open_high=False)
+    check_float("eps", eps, 0.0, low_open=True)
+    check_float("weight_decay", weight_decay, 0.0)
+    check_float("delta", delta, 0.0, low_open=True)
+    check_float("wd_ratio", wd_ratio, 0.0, 1.0)
     check_bool("nesterov", nesterov)
 
 
@@ -238,10 +238,10 @@ class SGDP(_Projected):
         wd_ratio: float = 0.1,
     ) -> None:
         _check_common(lr, eps, weight_decay, delta, wd_ratio, nesterov)
-        check_float("momentum", momentum, 0.0, 1.0)
-        check_float("dampening", dampening, 0.0, 1.0, open_high=False)
+        check_float("momentum", momentum, 0.0, 1.0, high_open=True)
+        check_float("dampening", dampening, 0.0, 1.0)
         if nesterov and (momentum == 0 or dampening != 0):
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid nesterov=True with momentum={momentum!r}, dampening={dampening!r}; "
                 "Nesterov momentum needs momentum > 0 and dampening = 0"
             )

@@ -15,7 +15,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from optim.adam_state import init_adam_state
 from optim.template import evaluate_closure, gather, hyperparameters
-from optim.validation import check_adam
+from optim.validation import check_adam, check_int
 
 __all__ = ["KAdam", "is_stable", "kadam"]
 
@@ -84,8 +84,7 @@ class KAdam(Optimizer):
         maximize: bool = False,
     ) -> None:
         check_adam(lr, betas, eps, weight_decay)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"Invalid k: {k!r}; expected an int >= 1")
+        check_int("k", k, 1)
         if not is_stable(betas):
             warnings.warn(
                 f"k-Adam with betas=({betas[0]!r}, {betas[1]!r}) is outside its stability "

@@ -13,7 +13,7 @@ from optim.adahb import AdaHBAdam, AdaHBSGD
 from optim.adamp import SGDP, AdamP
 from optim.adamw import AdamW
 from optim.kadam import KAdam
-from optim.validation import keyword_parameters
+from optim.validation import ConfigError, keyword_parameters
 from optim.vradam import VRAdam
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "register_optimizer"]
@@ -49,15 +49,19 @@ def build_optimizer(cfg: Mapping[str, Any], params: Iterable) -> Optimizer:
     if factory is None and isinstance(name, str) and "." in name:
         factory = _import(name)
     if factory is None:
-        raise ValueError(f"Unknown optimizer: {name!r}; available: {', '.join(sorted(OPTIMIZERS))}")
+        raise ConfigError(
+            f"Unknown optimizer: {name!r}; available: {', '.join(sorted(OPTIMIZERS))}"
+        )
     _check_keys(name, factory, cfg)
     betas = cfg.get("betas")
     if isinstance(betas, Sequence) and not isinstance(betas, str):  # others: the factory refuses
         cfg["betas"] = tuple(betas)
     try:
         return factory(params, **cfg)
+    except ConfigError as err:  # its own check: the config node named, as for every refusal
+        raise ConfigError(f"optim={name}: {err}") from err
     except TypeError as err:
-        raise TypeError(f"Invalid argument for optimizer {name!r}: {err}") from err
+        raise ConfigError(f"Invalid argument for optimizer {name!r}: {err}") from err
 
 
 def _check_keys(name: str, factory: Callable[..., Optimizer], cfg: Mapping[str, Any]) -> None:
@@ -72,7 +76,7 @@ def _check_keys(name: str, factory: Callable[..., Optimizer], cfg: Mapping[str, 
     valid = [key for key in keyword_parameters(signature) if key != "params"]
     unknown = [key for key in cfg if key not in valid]
     if unknown:
-        raise TypeError(
+        raise ConfigError(
             f"Unknown key for optimizer {name!r}: {', '.join(map(str, unknown))}; "
             f"valid keys: {', '.join(valid)}"
         )
@@ -84,7 +88,7 @@ def _import(path: str) -> Callable[..., Optimizer]:
     try:
         return getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown optimizer: {path!r}; not registered, and not importable ({err}); "
             f"available: {', '.join(sorted(OPTIMIZERS))}"
         ) from err

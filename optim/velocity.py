@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from optim.validation import check_choice
+from optim.validation import ConfigError, check_choice
 
 __all__ = [
     "NORMS",
@@ -61,7 +61,7 @@ def check_options(norm: str, norm_source: str, velocity: str, norm_timing: str) 
     check_choice("norm_source", norm_source, NORM_SOURCES)
     check_choice("velocity", velocity, VELOCITIES)
     if velocity == "precond" and norm_source != "velocity":
-        raise ValueError(
+        raise ConfigError(
             f"Invalid velocity: 'precond' with norm_source={norm_source!r}; 'precond' measures "
             "Adam's step m_hat/(sqrt(v_hat)+eps), so it needs norm_source='velocity'"
         )

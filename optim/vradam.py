@@ -142,8 +142,8 @@ class VRAdam(Optimizer):
         impl: str = "auto",
     ) -> None:
         check_adam(lr, betas, eps, weight_decay)
-        check_float("beta3", beta3)
-        check_float("lr_cutoff", lr_cutoff)
+        check_float("beta3", beta3, 0.0)
+        check_float("lr_cutoff", lr_cutoff, 0.0)
         check_options(norm, norm_source, velocity, norm_timing)
         check_choice("impl", impl, IMPLEMENTATIONS)
         gate = dict(lr=lr, betas=tuple(betas), beta3=beta3, lr_cutoff=lr_cutoff)

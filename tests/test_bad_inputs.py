@@ -117,6 +117,10 @@ CASES = [
     ),
     (["seed=-1"], "run", "Invalid seed: -1; expected an int in [0, 9223372036854775807]"),
     (["model.hidden=0"], "run", "Invalid model.hidden: 0; expected an int >= 1"),
+    (
+        ["model=gnn", "env=graphs_tiny", "model.n_layers=-1"], "run",
+        "Invalid model.n_layers: -1; expected an int >= 0",
+    ),
     (["loss=subtb", "loss.lamda=-1"], "run", "Invalid loss.lamda: -1; expected a float >= 0"),
     (
         ["train.lr_schedule=step"], "run",
@@ -129,14 +133,14 @@ CASES = [
     ([DDPM, "task.ema.decay=2"], "run", "Invalid task.ema.decay: 2; expected a float in [0, 1]"),
     (["monitor.window=1"], "run", "Invalid monitor.window: 1; expected an int >= 2"),
     # Optimizers refuse their own arguments.
-    (["optim.lr=-1"], "notes", "optim=vradam: Invalid lr: -1; expected a float in (0, inf)"),
+    (["optim.lr=-1"], "notes", "optim=vradam: Invalid lr: -1; expected a float > 0"),
     (
         ["optim.betas=[0.9,1.5]"], "notes",
         "optim=vradam: Invalid betas[1]: 1.5; expected a float in [0, 1)",
     ),
     (
         ["optim=adamw", "optim.lr=-1"], "notes",
-        "optim=adamw: Invalid lr: -1; expected a float in (0, inf)",
+        "optim=adamw: Invalid lr: -1; expected a float > 0",
     ),
     (
         ["optim=adamw", "optim.betas=[0.9]"], "notes",
@@ -144,13 +148,13 @@ CASES = [
     ),
     (
         ["optim=kadam", "optim.lr=abc"], "notes",
-        "optim=kadam: Invalid lr: 'abc'; expected a float in (0, inf)",
+        "optim=kadam: Invalid lr: 'abc'; expected a float > 0",
     ),
     (["optim=sgdp", "optim.lr=0"], "notes",
-     "optim=sgdp: Invalid lr: 0; expected a float in (0, inf)"),
+     "optim=sgdp: Invalid lr: 0; expected a float > 0"),
     (
         ["optim=sgdp", "+optim.foo=1"], "notes",
-        "optim=sgdp: Unknown key for optimizer 'sgdp': foo; valid keys: lr, momentum, dampening, "
+        "Unknown key for optimizer 'sgdp': foo; valid keys: lr, momentum, dampening, "
         "weight_decay, nesterov, eps, delta, wd_ratio",
     ),
     (

@@ -128,18 +128,18 @@ def test_every_env_preset_names_its_parameters_in_the_run_name(preset):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("optim.lr=-1", "error: optim=vradam: Invalid lr: -1; expected a float in (0, inf)"),
-        ("optim.lr=abc", "error: optim=vradam: Invalid lr: 'abc'; expected a float in (0, inf)"),
+        ("optim.lr=-1", "error: optim=vradam: Invalid lr: -1; expected a float > 0"),
+        ("optim.lr=abc", "error: optim=vradam: Invalid lr: 'abc'; expected a float > 0"),
         (
             "optim=adamw optim.betas=[0.9]",
             "error: optim=adamw: Invalid betas: [0.9]; expected a pair [beta1, beta2] of floats "
             "in [0, 1)",
         ),
         ("loss.name=foo", "error: Unknown loss.name: 'foo'; valid: tb, db, subtb, zvar, fm, mdb"),
-        ("precision=fp64", "error: Invalid precision: 'fp64'; expected one of fp32, bf16, fp16"),
+        ("precision=fp64", "error: Unknown precision: 'fp64'; valid: fp32, bf16, fp16"),
         (
             "device=gpu",
-            "error: Invalid device: 'gpu'; expected one of auto, cpu, cuda, cuda:N, mps",
+            "error: Unknown device: 'gpu'; valid: auto, cpu, cuda, cuda:N, mps",
         ),
     ],
 )

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from optim.validation import check_int
+
 if TYPE_CHECKING:
     from kinetic.precision import Precision
 
@@ -31,15 +33,7 @@ class NonFiniteGuard:
     """
 
     def __init__(self, named_params: Iterable[tuple[str, Tensor]], max_consecutive: int) -> None:
-        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int):
-            raise TypeError(
-                f"Invalid monitor.nonfinite.max_consecutive: {max_consecutive!r}; expected an int"
-            )
-        if max_consecutive < 1:
-            raise ValueError(
-                f"Invalid monitor.nonfinite.max_consecutive: {max_consecutive}; "
-                "expected an int >= 1"
-            )
+        check_int("monitor.nonfinite.max_consecutive", max_consecutive, 1)
         self.names = {p: name for name, p in named_params}
         self.max_consecutive = max_consecutive
         self.total_skips = 0  # over the whole run, logged as stability/nonfinite_skips

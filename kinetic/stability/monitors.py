@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -22,12 +22,19 @@ from torch import Tensor
 
 from kinetic.stability.sharpness import preconditioner, sharpness
 from optim.protocol import VelocityGated
+from optim.validation import ConfigError, check_bool, check_float, check_int
 
-__all__ = ["MonitorConfig", "MonitorSchema", "StabilityMonitor", "spike_z_scores"]
+__all__ = [
+    "MonitorConfig",
+    "NonfiniteConfig",
+    "SharpnessConfig",
+    "StabilityMonitor",
+    "spike_z_scores",
+]
 
 
 @dataclass
-class SharpnessSchema:
+class SharpnessConfig:
     """`monitor.sharpness`: the periodic sharpness probe (kinetic/stability/sharpness.py)."""
 
     every: int = 1500  # steps between probes (top Hessian eigenvalues); 0 = off
@@ -35,7 +42,7 @@ class SharpnessSchema:
 
 
 @dataclass
-class NonfiniteSchema:
+class NonfiniteConfig:
     """`monitor.nonfinite`: the non-finite guard (kinetic/stability/guard.py)."""
 
     enabled: bool = True  # skip a step whose loss or gradients are NaN/Inf (1 host sync per step)
@@ -43,10 +50,10 @@ class NonfiniteSchema:
 
 
 @dataclass
-class MonitorSchema:
-    """The `monitor` config group as Hydra composes it: the one source of its keys, types and
-    defaults (configs/monitor/*.yaml are presets on top). `MonitorConfig.from_dict` turns it
-    into the validated, flat `MonitorConfig` the monitors use."""
+class MonitorConfig:
+    """The `monitor` config group: the one source of its keys, types and defaults, which Hydra
+    checks the composed config against (configs/monitor/*.yaml are presets on top) and the
+    monitors read. `validate()` checks the ranges; `from_dict` builds one from a mapping."""
 
     every: int = 5  # update cosine, sign flips, update/weight on steps k-1 and k of every k
     # steps; loss / grad-norm spikes every step; 0 = no per-step signals
@@ -61,111 +68,50 @@ class MonitorSchema:
     oscillation_cos: float = -0.5  # window-mean update cosine below which the run oscillates
     oscillation_window: int = 20  # measured updates in that mean (persistent, not one step)
     warn_every: int = 100  # steps: at most one console warning per signal in this many steps
-    sharpness: SharpnessSchema = field(default_factory=SharpnessSchema)
-    nonfinite: NonfiniteSchema = field(default_factory=NonfiniteSchema)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+    nonfinite: NonfiniteConfig = field(default_factory=NonfiniteConfig)
 
     def validate(self) -> MonitorConfig:
-        """The validated, flat `MonitorConfig` of these values (errors name the key)."""
-        return MonitorConfig.from_dict(asdict(self))
-
-
-def _names(schema: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(schema))
-
-
-_TOP_KEYS = _names(MonitorSchema)
-_SUB_KEYS = {"sharpness": _names(SharpnessSchema), "nonfinite": _names(NonfiniteSchema)}
-
-
-def _check_keys(node: Mapping, valid: tuple[str, ...], where: str) -> None:
-    for key in node:
-        if key not in valid:
-            raise ValueError(f"Unknown key {where}{key}; valid: {', '.join(valid)}")
-
-
-def _int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Invalid {name}: {value!r}; expected an int >= {low}")
-    if value < low:
-        raise ValueError(f"Invalid {name}: {value}; expected an int >= {low}")
-    return value
-
-
-def _float(name: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"Invalid {name}: {value!r}; expected a float in [{low}, {high}]")
-    if not low <= value <= high:  # also rejects NaN
-        raise ValueError(f"Invalid {name}: {value}; expected a float in [{low}, {high}]")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    """The `monitor` config group, validated and flattened (`sharpness.every` is
-    `sharpness_every`, ...); the defaults and their meaning are `MonitorSchema`'s."""
-
-    every: int = MonitorSchema.every
-    window: int = MonitorSchema.window
-    spike_z: float = MonitorSchema.spike_z
-    spike_steps: int = MonitorSchema.spike_steps
-    spike_floor: float = MonitorSchema.spike_floor
-    oscillation_cos: float = MonitorSchema.oscillation_cos
-    oscillation_window: int = MonitorSchema.oscillation_window
-    warn_every: int = MonitorSchema.warn_every
-    sharpness_every: int = SharpnessSchema.every
-    sharpness_iters: int = SharpnessSchema.iters
-    nonfinite: bool = NonfiniteSchema.enabled
-    max_consecutive: int = NonfiniteSchema.max_consecutive
+        """Raise `ConfigError` naming the key on a value out of range (or of the wrong type);
+        returns self."""
+        check_int("monitor.every", self.every, 0)
+        check_int("monitor.window", self.window, 2)
+        check_float("monitor.spike_z", self.spike_z, 0.0, math.inf)
+        check_int("monitor.spike_steps", self.spike_steps, 1)
+        check_float("monitor.spike_floor", self.spike_floor, 0.0, 1.0)
+        check_float("monitor.oscillation_cos", self.oscillation_cos, -1.0, 1.0)
+        check_int("monitor.oscillation_window", self.oscillation_window, 1)
+        check_int("monitor.warn_every", self.warn_every, 1)
+        check_int("monitor.sharpness.every", self.sharpness.every, 0)
+        check_int("monitor.sharpness.iters", self.sharpness.iters, 1)
+        check_bool("monitor.nonfinite.enabled", self.nonfinite.enabled)
+        check_int("monitor.nonfinite.max_consecutive", self.nonfinite.max_consecutive, 1)
+        return self
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any]) -> MonitorConfig:
-        """Validate a `monitor` mapping (OmegaConf node or dict); missing keys take defaults."""
-        _check_keys(node, _TOP_KEYS, "monitor.")
+        """A validated `MonitorConfig` from a `monitor` mapping (an OmegaConf node or a dict);
+        missing keys take the defaults, an unknown key is refused naming the valid ones."""
+        _check_keys(node, cls, "monitor.")
         sub = {}
-        for name, keys in _SUB_KEYS.items():
+        for name, schema in (("sharpness", SharpnessConfig), ("nonfinite", NonfiniteConfig)):
             child = node.get(name, {})
             if not isinstance(child, Mapping):
-                raise TypeError(
-                    f"Invalid monitor.{name}: {child!r}; expected a mapping of {', '.join(keys)}"
+                raise ConfigError(
+                    f"Invalid monitor.{name}: {child!r}; expected a mapping of "
+                    f"{', '.join(f.name for f in fields(schema))}"
                 )
-            _check_keys(child, keys, f"monitor.{name}.")
-            sub[name] = child
-        d = cls()
-        nonfinite = sub["nonfinite"].get("enabled", d.nonfinite)
-        if not isinstance(nonfinite, bool):
-            raise TypeError(
-                f"Invalid monitor.nonfinite.enabled: {nonfinite!r}; expected true or false"
-            )
-        return cls(
-            every=_int("monitor.every", node.get("every", d.every), 0),
-            window=_int("monitor.window", node.get("window", d.window), 2),
-            spike_z=_float("monitor.spike_z", node.get("spike_z", d.spike_z), 0.0, math.inf),
-            spike_steps=_int("monitor.spike_steps", node.get("spike_steps", d.spike_steps), 1),
-            spike_floor=_float(
-                "monitor.spike_floor", node.get("spike_floor", d.spike_floor), 0.0, 1.0
-            ),
-            oscillation_cos=_float(
-                "monitor.oscillation_cos", node.get("oscillation_cos", d.oscillation_cos), -1.0, 1.0
-            ),
-            oscillation_window=_int(
-                "monitor.oscillation_window",
-                node.get("oscillation_window", d.oscillation_window),
-                1,
-            ),
-            warn_every=_int("monitor.warn_every", node.get("warn_every", d.warn_every), 1),
-            sharpness_every=_int(
-                "monitor.sharpness.every", sub["sharpness"].get("every", d.sharpness_every), 0
-            ),
-            sharpness_iters=_int(
-                "monitor.sharpness.iters", sub["sharpness"].get("iters", d.sharpness_iters), 1
-            ),
-            nonfinite=nonfinite,
-            max_consecutive=_int(
-                "monitor.nonfinite.max_consecutive",
-                sub["nonfinite"].get("max_consecutive", d.max_consecutive),
-                1,
-            ),
-        )
+            _check_keys(child, schema, f"monitor.{name}.")
+            sub[name] = schema(**child)
+        top = {key: value for key, value in node.items() if key not in sub}
+        return cls(**top, **sub).validate()
+
+
+def _check_keys(node: Mapping, schema: type, where: str) -> None:
+    valid = [f.name for f in fields(schema)]
+    for key in node:
+        if key not in valid:
+            raise ConfigError(f"Unknown key {where}{key}; valid: {', '.join(valid)}")
 
 
 _COLUMNS = ("uu", "pp", "dd", "loss", "grad_norm", "paired")  # one ring row per measured step
@@ -444,7 +390,7 @@ class StabilityMonitor:
     # -- sharpness -----------------------------------------------------------------------------
 
     def probe_due(self, step: int) -> bool:
-        every = self.cfg.sharpness_every
+        every = self.cfg.sharpness.every
         return every > 0 and step % every == 0
 
     def probe(self, loss_fn: Callable[[], Tensor]) -> dict[str, float]:
@@ -459,7 +405,7 @@ class StabilityMonitor:
         pre = preconditioner(self.optimizer)
         self.probe_seed += 1
         top, top_pre = sharpness(
-            loss_fn, self.params, self.cfg.sharpness_iters, seed=self.probe_seed, precond=pre
+            loss_fn, self.params, self.cfg.sharpness.iters, seed=self.probe_seed, precond=pre
         )
         values = {"stability/sharpness": top, "stability/precond_sharpness": top_pre}
         if pre.eta0 > NEGLIGIBLE_LR * self.alpha0_max:

@@ -137,8 +137,9 @@ def test_build_from_config() -> None:
             "Invalid n_actions: 6 for max_nodes=4; it must be n_node_types + 6 "
             "(slot pairs) + 1 (stop) with n_node_types >= 1",
         ),
-        ({"hidden": 0}, "Invalid hidden: 0; it must be an int >= 1"),
-        ({"backward": "tied"}, "Unknown backward policy: 'tied'; valid: learned, uniform"),
+        ({"hidden": 0}, "Invalid model.hidden: 0; expected an int >= 1"),
+        ({"n_layers": -1}, "Invalid model.n_layers: -1; expected an int >= 0"),
+        ({"backward": "tied"}, "Unknown model.backward: 'tied'; valid: learned, uniform"),
     ],
 )
 def test_invalid_arguments(kwargs: dict, message: str) -> None:

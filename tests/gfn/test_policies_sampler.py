@@ -91,13 +91,17 @@ def test_mlp_policy_heads(backward: str, flow_head: bool) -> None:
 
 def test_mlp_policy_rejects_bad_enums() -> None:
     with pytest.raises(
-        ValueError, match=r"^Unknown backward policy: 'learnt'; valid: learned, unif"
+        ValueError, match=r"^Unknown model\.backward: 'learnt'; valid: learned, unif"
     ):
         MLPPolicy(3, 2, backward="learnt")
-    with pytest.raises(ValueError, match=r"^Unknown activation: 'ReLU'; valid: relu, leaky_relu"):
+    with pytest.raises(
+        ValueError, match=r"^Unknown model\.activation: 'ReLU'; valid: relu, leaky_relu"
+    ):
         MLPPolicy(3, 2, activation="ReLU")
-    with pytest.raises(ValueError, match=r"^Invalid n_actions: 1;"):
+    with pytest.raises(ValueError, match=r"^Invalid n_actions: 1; expected an int >= 2$"):
         MLPPolicy(3, 1)
+    with pytest.raises(ValueError, match=r"^Invalid model\.n_layers: 0; expected an int >= 1$"):
+        MLPPolicy(3, 2, n_layers=0)
 
 
 def test_parameter_groups_split_log_z() -> None:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from diffusion.config import DataConfig, DDPMTaskConfig
 from gfn.config import GFlowNetTaskConfig
 from kinetic.config import LoggingConfig, TrainConfig
-from kinetic.stability.monitors import MonitorConfig, MonitorSchema
+from kinetic.stability.monitors import MonitorConfig
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 
@@ -26,8 +26,8 @@ def test_default_presets_are_the_schema_defaults():
     cfg = _compose()
     assert OmegaConf.to_object(cfg.train) == TrainConfig()
     assert OmegaConf.to_object(cfg.logging) == LoggingConfig()
-    assert OmegaConf.to_object(cfg.monitor) == MonitorSchema()
-    assert MonitorConfig.from_dict(cfg.monitor) == MonitorConfig() == MonitorSchema().validate()
+    assert OmegaConf.to_object(cfg.monitor) == MonitorConfig()
+    assert MonitorConfig.from_dict(cfg.monitor) == MonitorConfig() == MonitorConfig().validate()
     task = OmegaConf.to_object(cfg.task)
     assert isinstance(task, GFlowNetTaskConfig)
     assert (task.batch_size, task.log_z_beta3, task.vradam["lr"]) == (16, 0.0, 5e-3)

@@ -11,6 +11,7 @@ import torch
 
 from kinetic import MonitorConfig, Task, TrainConfig, train
 from kinetic.stability.guard import NonFiniteError
+from kinetic.stability.monitors import NonfiniteConfig, SharpnessConfig
 from optim.vradam import VRAdam
 
 
@@ -81,8 +82,8 @@ class _NaNTask(Task):
 
 def _train(task, optimizer, steps: int, logger, max_consecutive: int = 10):
     config = TrainConfig(steps=steps, log_every=2, eval_every=100, lr_schedule="constant")
-    monitor = MonitorConfig(window=2, oscillation_window=2, sharpness_every=0,
-                            max_consecutive=max_consecutive)  # fmt: skip
+    monitor = MonitorConfig(window=2, oscillation_window=2, sharpness=SharpnessConfig(every=0),
+                            nonfinite=NonfiniteConfig(max_consecutive=max_consecutive))  # fmt: skip
     return train(task, optimizer, config, monitor=monitor, logger=logger)
 
 

@@ -24,7 +24,7 @@ CONFIGS = "configs"
 
 
 def test_unknown_precision_names_the_choices():
-    with pytest.raises(ValueError, match=re.escape("Invalid precision: 'fp64'; expected one of")):
+    with pytest.raises(ValueError, match=re.escape("Unknown precision: 'fp64'; valid: fp32, bf16")):
         Precision("fp64", "cpu")
 
 

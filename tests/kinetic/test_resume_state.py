@@ -17,7 +17,7 @@ from kinetic.checkpoint import load_checkpoint, save_checkpoint
 from kinetic.rng import capture_rng, restore_rng
 from kinetic.schedule import build_schedule
 from kinetic.stability.guard import NonFiniteGuard
-from kinetic.stability.monitors import MonitorConfig, StabilityMonitor
+from kinetic.stability.monitors import MonitorConfig, SharpnessConfig, StabilityMonitor
 from optim.vradam import VRAdam
 
 STEPS, BREAK, LOG_EVERY, NAN_STEP = 30, 13, 5, 9
@@ -33,7 +33,9 @@ class Run:
         )
         self.optimizer = VRAdam(self.model.parameters(), lr=1e-2, beta3=1.0)
         self.schedule = build_schedule(self.optimizer, "cosine", 3, STEPS)
-        config = MonitorConfig(every=2, window=4, oscillation_window=2, sharpness_every=0)
+        config = MonitorConfig(
+            every=2, window=4, oscillation_window=2, sharpness=SharpnessConfig(0)
+        )
         self.monitor = StabilityMonitor(config, self.optimizer, interval=LOG_EVERY)
         self.guard = NonFiniteGuard(self.model.named_parameters(), max_consecutive=3)
         self.ema = EMAModel(self.model.parameters(), decay=0.9, use_ema_warmup=True, foreach=True)

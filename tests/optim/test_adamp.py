@@ -205,14 +205,14 @@ def test_step_never_syncs_with_host(make, record_ops):
 @pytest.mark.parametrize(
     ("make", "kwargs", "message"),
     [
-        (AdamP, {"lr": math.nan}, "Invalid lr: nan; expected a float in (0, inf)"),
-        (AdamP, {"betas": (0.9, 1.0)}, "Invalid betas[1]: 1.0; expected a float in [0, 1)"),
-        (AdamP, {"eps": 0.0}, "Invalid eps: 0.0; expected a float in (0, inf)"),
-        (AdamP, {"weight_decay": -1.0}, "Invalid weight_decay: -1.0; expected a float in [0, inf)"),
-        (AdamP, {"delta": 0.0}, "Invalid delta: 0.0; expected a float in (0, inf)"),
+        (AdamP, {"lr": math.nan}, "Invalid lr: nan; expected a float > 0"),
+        (AdamP, {"betas": (0.9, 1.0)}, "Invalid betas[1]: 1; expected a float in [0, 1)"),
+        (AdamP, {"eps": 0.0}, "Invalid eps: 0; expected a float > 0"),
+        (AdamP, {"weight_decay": -1.0}, "Invalid weight_decay: -1; expected a float >= 0"),
+        (AdamP, {"delta": 0.0}, "Invalid delta: 0; expected a float > 0"),
         (AdamP, {"wd_ratio": 1.5}, "Invalid wd_ratio: 1.5; expected a float in [0, 1]"),
-        (SGDP, {"lr": -0.1}, "Invalid lr: -0.1; expected a float in (0, inf)"),
-        (SGDP, {"momentum": 1.0}, "Invalid momentum: 1.0; expected a float in [0, 1)"),
+        (SGDP, {"lr": -0.1}, "Invalid lr: -0.1; expected a float > 0"),
+        (SGDP, {"momentum": 1.0}, "Invalid momentum: 1; expected a float in [0, 1)"),
         (SGDP, {"dampening": -0.1}, "Invalid dampening: -0.1; expected a float in [0, 1]"),
         (
             SGDP,

@@ -60,7 +60,7 @@ def test_the_documented_yaml_builds_it(my_optims):
     opt = build_optimizer(cfg, [torch.nn.Parameter(torch.ones(2))])
     assert isinstance(opt, my_optims.Lion)
     assert (opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]) == (1e-4, 0.1)
-    with pytest.raises(ValueError, match=r"^Invalid lr: -1\.0; expected a float in \(0, inf\)$"):
+    with pytest.raises(ValueError, match=r"^Invalid lr: -1; expected a float > 0$"):
         my_optims.Lion([torch.nn.Parameter(torch.ones(2))], lr=-1.0)
 
 

@@ -122,10 +122,10 @@ def test_unknown_group_keys_are_ignored():
         ({"k": 0}, "Invalid k: 0; expected an int >= 1"),
         ({"k": 1.5}, "Invalid k: 1.5; expected an int >= 1"),
         ({"k": True}, "Invalid k: True; expected an int >= 1"),
-        ({"lr": math.nan}, "Invalid lr: nan; expected a float in (0, inf)"),
-        ({"betas": (1.0, 0.999)}, "Invalid betas[0]: 1.0; expected a float in [0, 1)"),
-        ({"eps": 0.0}, "Invalid eps: 0.0; expected a float in (0, inf)"),
-        ({"weight_decay": -1.0}, "Invalid weight_decay: -1.0; expected a float in [0, inf)"),
+        ({"lr": math.nan}, "Invalid lr: nan; expected a float > 0"),
+        ({"betas": (1.0, 0.999)}, "Invalid betas[0]: 1; expected a float in [0, 1)"),
+        ({"eps": 0.0}, "Invalid eps: 0; expected a float > 0"),
+        ({"weight_decay": -1.0}, "Invalid weight_decay: -1; expected a float >= 0"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):

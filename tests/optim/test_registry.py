@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from optim import OPTIMIZERS, VRAdam, build_optimizer
+from optim.validation import ConfigError
 
 
 def _params():
@@ -47,16 +48,20 @@ def test_unknown_argument_names_the_optimizer_and_its_valid_keys():
         "Unknown key for optimizer 'vradam': learning_rate; valid keys: lr, betas, beta3, "
         "lr_cutoff, eps, weight_decay, norm, norm_source, velocity, norm_timing, maximize, impl"
     )
-    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         build_optimizer({"name": "vradam", "learning_rate": 1e-3}, _params())
     # A factory taking **kwargs decides for itself (AdamW passes its extras to torch's).
-    with pytest.raises(TypeError, match=r"^Invalid argument for optimizer 'adamw': .*'foo'"):
+    with pytest.raises(ConfigError, match=r"^Invalid argument for optimizer 'adamw': .*'foo'"):
         build_optimizer({"name": "adamw", "foo": 1}, _params())
 
 
 def test_invalid_value_is_the_optimizers_own_error():
-    with pytest.raises(ValueError, match=r"^Invalid lr: -1\.0"):
+    """The optimizer's own check, with the config node named by `build_optimizer`; built
+    directly, the same words without it."""
+    with pytest.raises(ConfigError, match=r"^optim=vradam: Invalid lr: -1; expected a float > 0$"):
         build_optimizer({"name": "vradam", "lr": -1.0}, _params())
+    with pytest.raises(ConfigError, match=r"^Invalid lr: -1; expected a float > 0$"):
+        VRAdam(_params(), lr=-1.0)
 
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "optim"
@@ -118,14 +123,14 @@ def test_every_name_is_listed_when_one_is_unknown():
 
 
 BAD_VALUES = [
-    ("lr", "abc", "Invalid lr: 'abc'; expected a float in (0, inf)"),
-    ("lr", 0, "Invalid lr: 0; expected a float in (0, inf)"),
-    ("lr", True, "Invalid lr: True; expected a float in (0, inf)"),
-    ("weight_decay", float("nan"), "Invalid weight_decay: nan; expected a float in [0, inf)"),
+    ("lr", "abc", "Invalid lr: 'abc'; expected a float > 0"),
+    ("lr", 0, "Invalid lr: 0; expected a float > 0"),
+    ("lr", True, "Invalid lr: True; expected a float > 0"),
+    ("weight_decay", float("nan"), "Invalid weight_decay: nan; expected a float >= 0"),
     ("betas", [0.9], "Invalid betas: [0.9]; expected a pair [beta1, beta2] of floats in [0, 1)"),
     ("betas", 0.9, "Invalid betas: 0.9; expected a pair [beta1, beta2] of floats in [0, 1)"),
     ("betas", [0.9, "x"], "Invalid betas[1]: 'x'; expected a float in [0, 1)"),
-    ("eps", "1e-8x", "Invalid eps: '1e-8x'; expected a float in (0, inf)"),
+    ("eps", "1e-8x", "Invalid eps: '1e-8x'; expected a float > 0"),
     ("nesterov", "yes", "Invalid nesterov: 'yes'; expected true or false"),
 ]
 
@@ -144,7 +149,7 @@ def test_every_optimizer_refuses_a_bad_value_with_the_shared_message(name, key, 
     arrives as OmegaConf's ListConfig)."""
     cfg = _composed(name)
     cfg[key] = OmegaConf.create({"v": value})["v"]
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'optim={name}: {message}')}$"):
         build_optimizer(cfg, _params())
 
 

@@ -205,7 +205,7 @@ def test_step_never_syncs_with_host(impl, options, record_ops):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"velocity": "rms"}, "Invalid velocity: 'rms'; expected one of sum, mean, precond"),
+        ({"velocity": "rms"}, "Unknown velocity: 'rms'; valid: sum, mean, precond"),
         (
             {"velocity": "precond", "norm_source": "grad"},
             "Invalid velocity: 'precond' with norm_source='grad'; 'precond' measures Adam's "
