@@ -347,3 +347,23 @@ def test_dag_is_cached_per_env() -> None:
     env = HyperGrid(ndim=2, height=4)
     assert state_dag(env) is state_dag(env)
     assert state_dag(HyperGrid(ndim=2, height=4)) is not state_dag(env)
+
+
+def test_the_state_dag_cache_dies_with_its_env_and_never_aliases_a_new_one():
+    """The cache is keyed by the env object (a weak reference, checked by identity): a freed
+    env's entry goes with it, and a new env, even at the freed one's address, builds its own."""
+    import gc
+
+    from gfn import state_dag as dags
+
+    small = HyperGrid(ndim=2, height=3)
+    assert state_dag(small).n_states == 9
+    address = id(small)
+    del small
+    gc.collect()
+    assert address not in dags._CACHE  # freed with its env
+    for _ in range(50):  # new envs until one reuses an address (CPython often does at once)
+        other = HyperGrid(ndim=2, height=4)
+        assert state_dag(other).n_states == 16  # its own DAG, never the freed 3x3 one
+        if id(other) == address:
+            break

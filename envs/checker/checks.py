@@ -1,153 +1,24 @@
-"""`check_env`: tell an environment's author, in plain sentences, where it breaks the Env contract.
-
-In the spirit of gymnasium's env checker: small ``check_<property>`` functions, each returning
-the problems it finds as sentences (what was called, what it returned, what was expected and
-the likely fix), and `check_env`, which runs them all on seeded random rollouts and raises
-one `EnvCheckError` listing every problem. Exceptions raised inside the environment's own
-methods propagate unchanged, so their tracebacks point at the author's code. Methods are
-always called on a copy of the checker's states, so one that writes into its input is
-reported (`check_inputs_unchanged`) instead of corrupting the check.
-"""
+"""The contract checks: small ``check_<property>(env, ...)`` functions, each returning the
+problems it finds as sentences (messages.py words them). Those before any rollout probe
+`PROBE_SIZE` copies of s0; the others check what `random_rollouts` met."""
 
 from __future__ import annotations
-
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from envs.base import Env
-from envs.rows import as_rows, row_keys
-from kinetic.errors import ConfigError
-
-__all__ = [
-    "EnvCheckError",
-    "Rollouts",
-    "check_attributes",
-    "check_backward_step",
-    "check_backward_walks",
-    "check_devices",
-    "check_enumerate_terminals",
-    "check_env",
-    "check_featurize",
-    "check_initial_states",
-    "check_inputs_unchanged",
-    "check_legal_actions",
-    "check_log_reward",
-    "check_masks",
-    "check_max_steps",
-    "check_s0_has_no_parent",
-    "check_step",
-    "random_rollouts",
-]
-
-PROBE_SIZE = 4  # copies of s0 the output checks call each method on, before any rollout
-ROLLOUTS = " the rollouts reached"
-
-
-class EnvCheckError(ConfigError):
-    """`check_env` found problems: one sentence each, in ``problems`` and in the message (a
-    user error: train.py refuses the run with it, exit code 2)."""
-
-    def __init__(self, env_name: str, problems: list[str]) -> None:
-        self.env_name, self.problems = env_name, list(problems)
-        count = f"{len(problems)} problem{'' if len(problems) == 1 else 's'}"
-        head = f"{env_name} does not meet the Env contract; check_env found {count}:"
-        super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-def _call(method: Callable[..., object], states: Tensor, *args: Tensor) -> object:
-    """``method(states, *args)`` on a copy of `states`, which the checker keeps using."""
-    return method(states.clone(), *args)
-
-
-def _rows(states: Tensor) -> Tensor:
-    """States ``(B, *S)`` as rows ``(B, D)``; bools as uint8 (so torch.unique can sort them)."""
-    rows = states.reshape(states.shape[0], math.prod(states.shape[1:]))
-    return rows.to(torch.uint8) if rows.dtype == torch.bool else rows
-
-
-def _same(a: Tensor, b: Tensor) -> Tensor:
-    """Which rows of two state batches ``(B, *S)`` are equal, bool ``(B,)``; floats to rounding."""
-    equal = torch.isclose(a, b) if a.is_floating_point() else a == b
-    return equal.reshape(a.shape[0], math.prod(a.shape[1:])).all(dim=1)
-
-
-def _keys(rows: Tensor) -> Tensor:
-    """A 64-bit hash of each row ``(B, D)``, long ``(B,)`` (envs/rows.py; floats by their bits):
-    cheaper than torch.unique(dim=0). Callers compare matched rows."""
-    return row_keys(as_rows(rows))
-
-
-def _smallest(*columns: Tensor) -> int:
-    """Index of the lexicographically smallest row of `columns` side by side, each ``(B, k)``:
-    a stable example for a message, whatever order the rollouts met the rows in."""
-    dtype = torch.float64 if any(c.is_floating_point() for c in columns) else torch.long
-    rows = torch.cat([c.to(dtype) for c in columns], dim=1)  # (B, Σk)
-    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    return int((inverse == 0).nonzero()[0, 0])
-
-
-def _example(states: Tensor, bad: Tensor) -> Tensor:
-    """The smallest of the `bad` rows of `states`."""
-    return states[bad][_smallest(_rows(states[bad]))]
-
-
-def _show(x: Tensor | float, limit: int = 60) -> str:
-    """A short literal for a state or a value in a message, e.g. ``[7, 6]``."""
-    text = str(x.tolist()) if isinstance(x, Tensor) else str(x)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _which(bad: Tensor, noun: str) -> str:
-    """'every <noun>' or 'some <noun>s', as `bad` holds everywhere or not."""
-    return f"every {noun}" if bool(bad.all()) else f"some {noun}s"
-
-
-def _states(n: int) -> str:
-    return f"{n} state{'' if n == 1 else 's'}"
-
-
-def _batch(states: Tensor, where: str = "") -> str:
-    return f"a batch of {_states(states.shape[0])}{where}"
-
-
-def _output_problems(env: Env, call: str, out: object, batch: str, n: int) -> list[str]:
-    """What is wrong with what a mask or transition `call` returned for `n` states: not a
-    tensor, or the wrong shape or dtype (those are what later calls rely on)."""
-    if call.startswith(("forward_mask", "backward_mask")):
-        backward = call.startswith("backward")
-        shape, dtype, dtype_name = (n, env.n_actions - backward), torch.bool, "torch.bool"
-        why = "(B, n_actions), one column per action with stop last"
-        if backward:
-            why = "(B, n_actions - 1): backward action a undoes forward action a, and there is no "
-            why += "backward stop"
-        fix, type_fix = "Return a boolean tensor, e.g. mask.bool().", ""
-    else:
-        shape, dtype = (n, *env.state_shape), env.state_dtype
-        dtype_name, why = f"state_dtype {dtype}", "(B, *state_shape), one state per row"
-        fix = "Keep states in state_dtype, e.g. next_states.to(self.state_dtype)."
-        type_fix = " Return only the states; rewards come from log_reward."
-    if not isinstance(out, Tensor):
-        return [
-            f"{call} returned a {type(out).__name__} for {batch}; expected a {dtype} tensor of "
-            f"shape {shape}.{type_fix}"
-        ]
-    problems = []
-    if tuple(out.shape) != shape:
-        problems.append(
-            f"{call} returned shape {tuple(out.shape)} for {batch}; expected {shape} = {why}."
-        )
-    if out.dtype != dtype:
-        problems.append(
-            f"{call} returned dtype {out.dtype} for {batch}; expected {dtype_name}. {fix}"
-        )
-    return problems
+from envs.checker.messages import (
+    PROBE_SIZE,
+    ROLLOUTS,
+    _batch,
+    _output_problems,
+    _raised_on_parents,
+    _show,
+    _states,
+    _which,
+)
+from envs.checker.rollouts import Rollouts, _call, _example, _keys, _rows, _same, _smallest
 
 
 def _is_int(value: object, low: int) -> bool:
@@ -250,93 +121,6 @@ def check_step(env: Env, states: Tensor, actions: Tensor) -> list[str]:
     """`step` returns one next state per row, ``(B, *state_shape)`` in `state_dtype`."""
     out = _call(env.step, states, actions)
     return _output_problems(env, "step(states, actions)", out, _batch(states), states.shape[0])
-
-
-# --- random rollouts ----------------------------------------------------------------------
-
-
-@dataclass
-class Rollouts:
-    """What seeded random rollouts from s0 met, in the order they met it.
-
-    Attributes:
-        states: every state visited, s0 and the final states included, ``(V, *state_shape)``.
-        masks: ``forward_mask`` of each, bool ``(V, n_actions)``.
-        depths: the number of non-stop actions each was reached with, long ``(V,)``.
-        parents, actions, children: every transition taken, ``(E, *S)``, long ``(E,)``,
-            ``(E, *S)``, with ``children = step(parents, actions)``.
-        terminals: the state of each trajectory that took stop, ``(N, *S)``.
-        problems: a malformed mask or state met on the way, which cut the rollouts short.
-    """
-
-    states: Tensor
-    masks: Tensor
-    depths: Tensor
-    parents: Tensor
-    actions: Tensor
-    children: Tensor
-    terminals: Tensor
-    problems: list[str]
-
-
-def random_rollouts(env: Env, n: int, generator: torch.Generator) -> Rollouts:
-    """`n` trajectories from s0 taking uniformly random legal non-stop actions, vectorized.
-
-    Trajectory b takes stop, where it is legal beside other actions, with probability b / n,
-    so trajectory 0 goes as deep as the environment lets it and ``max_steps`` gets tested.
-    A trajectory also ends where no action is legal, or after ``max_steps`` non-stop actions
-    (`check_legal_actions` and `check_max_steps` report those).
-    """
-    stop, current = env.stop_action, env.initial_states(n)  # (n, *S)
-    device = current.device
-    p_stop = torch.arange(n, device=device) / n  # (n,)
-    running = torch.arange(n, device=device)  # (B,), the trajectory of each current state
-    states, masks, depths = [current[:0]], [], [running[:0]]
-    parents, actions, children, terminals = [current[:0]], [running[:0]], [current[:0]], []
-    problems: list[str] = []
-    for depth in range(env.max_steps + 1):
-        mask = _call(env.forward_mask, current)  # (B, A)
-        problems = _output_problems(
-            env, "forward_mask(states)", mask, _batch(current, ROLLOUTS), current.shape[0]
-        )
-        if problems:
-            break
-        states.append(current)
-        masks.append(mask)
-        depths.append(torch.full_like(running, depth))
-        moves = mask[:, :stop]  # (B, A - 1)
-        can_move = moves.any(dim=1) & (depth < env.max_steps)  # (B,)
-        draw = torch.rand(current.shape[0], generator=generator).to(device)  # (B,)
-        stops = mask[:, stop] & (~can_move | (draw < p_stop[running]))  # (B,)
-        terminals.append(current[stops])
-        go = can_move & ~stops  # (B,)
-        if not go.any():
-            break
-        scores = torch.rand(moves.shape, generator=generator).to(device)  # (B, A - 1)
-        action = scores.masked_fill(~moves, -1.0).argmax(dim=1)[go]  # (B',)
-        parent = current[go]  # (B', *S)
-        child = _call(env.step, parent, action)
-        problems = _output_problems(
-            env, "step(states, actions)", child, _batch(parent, ROLLOUTS), parent.shape[0]
-        )
-        if problems:
-            break
-        parents.append(parent)
-        actions.append(action)
-        children.append(child)
-        current, running = child, running[go]
-    return Rollouts(
-        states=torch.cat(states),
-        masks=torch.cat(masks)
-        if masks
-        else torch.zeros(0, env.n_actions, dtype=torch.bool, device=device),
-        depths=torch.cat(depths),
-        parents=torch.cat(parents),
-        actions=torch.cat(actions),
-        children=torch.cat(children),
-        terminals=torch.cat([current[:0], *terminals]),
-        problems=problems,
-    )
 
 
 # --- on the rollouts ----------------------------------------------------------------------
@@ -502,15 +286,6 @@ def check_backward_walks(env: Env, rollouts: Rollouts, generator: torch.Generato
             ))  # fmt: skip
         current = p
     return list(found.values())
-
-
-def _raised_on_parents(err: Exception) -> str:
-    return (
-        f"forward_mask(p) or step(p, b) raised {type(err).__name__}: {_show(str(err))} on parents "
-        "p = backward_step(s, b) of states s met on backward walks from terminal states; "
-        "expected backward_mask(s)[b] to allow only real parents, on which every method works. "
-        "Make backward_mask(s)[b] False where s has no parent by b."
-    )
 
 
 def check_log_reward(env: Env, states: Tensor, where: str = ROLLOUTS) -> list[str]:
@@ -696,76 +471,3 @@ def check_enumerate_terminals(env: Env, terminals: Tensor, rollouts: Rollouts) -
             "disallow stop there."
         )
     return problems
-
-
-# --- all together -------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def check_env(env: Env, n_trajectories: int = 64, seed: int = 0) -> None:
-    """Check `env` against the `Env` contract; raise one `EnvCheckError` listing every problem.
-
-    Checks the attributes, then the outputs of `initial_states`, the masks and `step` on
-    `PROBE_SIZE` copies of s0, then runs `n_trajectories` seeded random rollouts
-    (`random_rollouts`) and checks on them: legal actions, `max_steps`, that no method writes
-    into its input, that `backward_step` and `backward_mask` undo `step`, backward walks to
-    s0, `log_reward`, `featurize`, that every output stays on the states' device and, if
-    implemented, `enumerate_terminals`. It stops early
-    only where later checks cannot run. Cheap: about 10 ms for an 8x8 HyperGrid.
-
-    Raises:
-        EnvCheckError: one sentence per problem, in its message and in ``.problems``.
-        ValueError: `n_trajectories` is not an int >= 1.
-    """
-    if not _is_int(n_trajectories, 1):
-        raise ValueError(f"Invalid n_trajectories: {n_trajectories!r}; expected an int >= 1")
-    name = type(env).__name__
-    if not isinstance(env, Env):
-        raise EnvCheckError(name, [
-            f"{name} is not a subclass of envs.base.Env; expected class {name}(Env), which "
-            "also supplies initial_states, stop_action and the optional hooks."
-        ])  # fmt: skip
-    # The rollouts need these; nothing after them can run without.
-    problems = check_attributes(env)
-    if not problems:
-        problems = check_initial_states(env)
-    if not problems:
-        probe = env.initial_states(PROBE_SIZE)  # (4, *S)
-        problems = check_masks(env, probe)
-    if not problems:
-        moves = env.forward_mask(probe)[:, : env.stop_action]  # (4, A - 1)
-        rows = moves.any(dim=1)  # (4,), where a non-stop action is legal
-        if rows.any():
-            problems = check_step(env, probe[rows], moves[rows].long().argmax(dim=1))
-    if problems:
-        raise EnvCheckError(name, problems)
-
-    s0_parents = check_s0_has_no_parent(env)
-    problems = [*s0_parents]
-    rollouts = random_rollouts(env, n_trajectories, torch.Generator().manual_seed(seed))
-    problems += rollouts.problems
-    devices = check_devices(env, rollouts)
-    if devices:  # the checks below compare outputs across methods, so they need one device
-        raise EnvCheckError(name, problems + devices)
-    problems += check_legal_actions(env, rollouts)
-    problems += check_max_steps(env, rollouts)
-    problems += check_inputs_unchanged(env, rollouts)
-    backward = check_backward_step(env, rollouts)
-    problems += backward
-    if not (s0_parents or backward):  # the walks presume both hold
-        problems += check_backward_walks(env, rollouts, torch.Generator().manual_seed(seed + 1))
-    reward = check_log_reward(env, rollouts.terminals)
-    problems += reward + check_featurize(env, rollouts.states)
-    terminals = None
-    if getattr(env, "enumerable", True):  # an instance may declare itself too large to list
-        try:
-            terminals = env.enumerate_terminals()
-        except NotImplementedError:  # optional: exact evaluation is off
-            terminals = None
-    if terminals is not None:
-        listing = check_enumerate_terminals(env, terminals, rollouts)
-        problems += listing
-        if not (listing or reward):
-            problems += check_log_reward(env, terminals, " that enumerate_terminals() listed")
-    if problems:
-        raise EnvCheckError(name, problems)
