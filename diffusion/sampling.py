@@ -12,6 +12,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from diffusion.config import SAMPLERS
+from kinetic.validate import check_choice, check_int
 
 
 def build_sampler(name: str, train_scheduler: DDPMScheduler, steps: int) -> SchedulerMixin:
@@ -21,15 +22,10 @@ def build_sampler(name: str, train_scheduler: DDPMScheduler, steps: int) -> Sche
     Timesteps are spaced "trailing" (arXiv 2305.08891, Table 2), so the first step is t = T-1
     and sampling starts from pure noise whatever the step count.
     """
-    if name == "ddpm":
-        scheduler = DDPMScheduler.from_config(train_scheduler.config, timestep_spacing="trailing")
-    elif name == "ddim":
-        scheduler = DDIMScheduler.from_config(train_scheduler.config, timestep_spacing="trailing")
-    else:
-        raise ValueError(f"Unknown sampler: {name!r}; available: {', '.join(SAMPLERS)}")
-    total = train_scheduler.config.num_train_timesteps
-    if not 1 <= steps <= total:
-        raise ValueError(f"Invalid sampling steps: {steps}; expected an int in [1, {total}]")
+    check_choice("task.sampling.scheduler", name, SAMPLERS)
+    check_int("task.sampling.steps", steps, 1, train_scheduler.config.num_train_timesteps)
+    cls = DDPMScheduler if name == "ddpm" else DDIMScheduler
+    scheduler = cls.from_config(train_scheduler.config, timestep_spacing="trailing")
     scheduler.set_timesteps(steps)
     return scheduler
 

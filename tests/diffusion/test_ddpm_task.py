@@ -81,13 +81,13 @@ def test_evaluation_scores_ema_samples_and_saves_the_grid(tmp_path, classifier_c
         (
             "train.lr_schedule=cosin",
             ValueError,
-            "Unknown train.lr_schedule: 'cosin'; available for task=ddpm: "
+            "Unknown train.lr_schedule: 'cosin'; valid: "
             "cosine, linear, constant, constant_with_warmup",
         ),
         (
             "task.sampling.scheduler=pndm",
             ValueError,
-            "Unknown sampler: 'pndm'; available: ddpm, ddim",
+            "Unknown task.sampling.scheduler: 'pndm'; valid: ddpm, ddim",
         ),
         (
             "data.resolution=7",

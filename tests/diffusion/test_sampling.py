@@ -39,14 +39,12 @@ def test_samples_have_the_right_shape_range_and_seed(unet, name, steps):
 
 def test_unknown_sampler_and_bad_steps():
     train = DDPMScheduler(num_train_timesteps=100)
-    with pytest.raises(
-        ValueError,
-        match=f"^{re.escape('Unknown sampler: ' + repr('euler') + '; available: ddpm, ddim')}$",
-    ):
+    message = "Unknown task.sampling.scheduler: 'euler'; valid: ddpm, ddim"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         build_sampler("euler", train, 10)
     with pytest.raises(
         ValueError,
-        match=f"^{re.escape('Invalid sampling steps: 101; expected an int in [1, 100]')}$",
+        match=f"^{re.escape('Invalid task.sampling.steps: 101; expected an int in [1, 100]')}$",
     ):
         build_sampler("ddim", train, 101)
 

@@ -41,10 +41,10 @@ def test_linear_and_constant():
 
 def test_bad_schedule_names_the_choices():
     opt = VRAdam([torch.nn.Parameter(torch.zeros(1))])
-    message = "Unknown lr schedule: 'step'; available: constant, linear, cosine"
+    message = "Unknown train.lr_schedule: 'step'; valid: constant, linear, cosine"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         build_schedule(opt, "step", 0, 10)
     with pytest.raises(
-        ValueError, match=r"^Invalid warmup_steps: 11; expected an int in \[0, 10\]$"
+        ValueError, match=r"^Invalid train\.warmup_steps: 11; expected an int in \[0, 10\]$"
     ):
         build_schedule(opt, "cosine", 11, 10)
