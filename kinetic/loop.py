@@ -116,8 +116,11 @@ class LoopState:
                 "eval_time": self.eval_time}  # fmt: skip
 
     def load_state_dict(self, step: int, state: Mapping[str, Any]) -> None:
+        """Continue after `step` with the carried values of a checkpoint; this session's timers
+        start now (restoring is not training time)."""
         self.step, self.metrics, self.loss = step, dict(state["metrics"]), state["loss"]
         self.wall, self.eval_time = state["wall"], state["eval_time"]
+        self.started = self.window_start = time.perf_counter()
 
 
 @dataclass
