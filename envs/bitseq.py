@@ -10,28 +10,20 @@ prepend/insert variants of Madan et al. (SubTB, arXiv 2209.12782) are not implem
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from envs.base import Env
+from kinetic.errors import ConfigError
+from kinetic.validate import check_float, check_int
 
 __all__ = ["TARGET_WORDS", "BitSequence", "rankdata", "spearman_correlation"]
 
 # The literature builds every target from these 8-bit words (Malkin et al., 2022, §5.2).
 TARGET_WORDS = ("00000000", "11111111", "11110000", "00001111", "00111100")
 _MAX_WORD_BITS = 16  # 2^16 + 1 actions; beyond that the one-hot features stop being sensible
-
-
-def _check_int(name: str, value: object, low: int, high: float = math.inf) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"BitSequence {name} must be an int, got {value!r}")
-    if not low <= value <= high:
-        valid = f">= {low}" if high == math.inf else f"in [{low}, {int(high)}]"
-        raise ValueError(f"BitSequence {name} must be {valid}, got {value}")
-    return value
 
 
 class BitSequence(Env):
@@ -96,16 +88,13 @@ class BitSequence(Env):
         targets: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        n = _check_int("n", n, 1)
-        k = _check_int("k", k, 1, _MAX_WORD_BITS)
+        n = check_int("env.n", n, 1)
+        k = check_int("env.k", k, 1, _MAX_WORD_BITS)
         if n % k != 0:
-            raise ValueError(f"BitSequence n must be a multiple of k={k}, got n={n}")
-        seed = _check_int("seed", seed, -(2**63), 2**64 - 1)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"BitSequence temperature must be a real number, got {temperature!r}")
-        if not 0 < temperature < math.inf:
-            raise ValueError(f"BitSequence temperature must be finite and > 0, got {temperature}")
-        mode_threshold = _check_int("mode_threshold", mode_threshold, 0, n)
+            raise ConfigError(f"Invalid env.n: {n}; expected a multiple of env.k={k}")
+        seed = check_int("env.seed", seed, -(2**63), 2**64 - 1)
+        check_float("env.temperature", temperature, 0.0, low_open=True)
+        mode_threshold = check_int("env.mode_threshold", mode_threshold, 0, n)
         self.n, self.k, self.seed = n, k, seed
         self.temperature = float(temperature)
         self.mode_threshold = mode_threshold
@@ -124,17 +113,17 @@ class BitSequence(Env):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         if targets is None:
             if n % 8 != 0:
-                raise ValueError(
+                raise ConfigError(
                     f"BitSequence n must be a multiple of 8 (the length of the target words) "
                     f"when targets are drawn, got n={n}; pass targets=[...] for other lengths"
                 )
             n_max = 5 ** (n // 8)
-            n_targets = _check_int("n_targets", 16 if n_targets is None else n_targets, 1, n_max)
+            n_targets = check_int("env.n_targets", 16 if n_targets is None else n_targets, 1, n_max)
             bits = self._draw_targets(n_targets, generator)
         else:
             bits = self._parse_targets(targets)
             if n_targets is not None and n_targets != bits.shape[0]:
-                raise ValueError(
+                raise ConfigError(
                     f"BitSequence n_targets={n_targets} disagrees with the {bits.shape[0]} "
                     "targets given; leave n_targets unset when passing targets"
                 )
@@ -170,17 +159,17 @@ class BitSequence(Env):
 
     def _parse_targets(self, targets: Sequence[str]) -> Tensor:
         if isinstance(targets, str) or len(targets) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"BitSequence targets must be a non-empty list of bit strings, got {targets!r}"
             )
         for target in targets:
             if not isinstance(target, str) or len(target) != self.n or set(target) - {"0", "1"}:
-                raise ValueError(
+                raise ConfigError(
                     f"BitSequence targets must be strings of n={self.n} '0'/'1' characters, "
                     f"got {target!r}"
                 )
         if len(set(targets)) != len(targets):
-            raise ValueError(f"BitSequence targets must be distinct, got {list(targets)!r}")
+            raise ConfigError(f"BitSequence targets must be distinct, got {list(targets)!r}")
         return torch.tensor([[int(c) for c in target] for target in targets], dtype=torch.long)
 
     def _draw_test_set(self, generator: torch.Generator) -> Tensor:

@@ -16,6 +16,8 @@ from torch import Tensor
 from torch_geometric.data import Batch
 
 from envs.base import Env
+from kinetic.errors import ConfigError
+from kinetic.validate import check_float, check_int
 
 __all__ = ["GraphBuilding"]
 
@@ -76,30 +78,20 @@ class GraphBuilding(Env):
         triangle_bonus: float = 0.5,
         device: str | torch.device = "cpu",
     ) -> None:
-        for name, value in (("max_nodes", max_nodes), ("n_node_types", n_node_types)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"GraphBuilding {name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"GraphBuilding {name} must be >= 1, got {value}")
+        check_int("env.max_nodes", max_nodes, 1)
+        check_int("env.n_node_types", n_node_types, 1)
         if valences is None:
             valences = tuple(range(1, n_node_types + 1))
         valences = tuple(valences)
         if len(valences) != n_node_types or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in valences
         ):
-            raise ValueError(
-                f"GraphBuilding valences must be n_node_types={n_node_types} ints >= 0, "
-                f"got {list(valences)!r}"
+            raise ConfigError(
+                f"Invalid env.valences: {list(valences)!r}; expected env.n_node_types="
+                f"{n_node_types} ints >= 0"
             )
-        for name, value, low in (
-            ("valence_penalty", valence_penalty, 0.0),
-            ("triangle_bonus", triangle_bonus, -math.inf),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"GraphBuilding {name} must be a real number, got {value!r}")
-            if not math.isfinite(value) or value < low:
-                valid = "finite and >= 0" if low == 0.0 else "finite"
-                raise ValueError(f"GraphBuilding {name} must be {valid}, got {value}")
+        check_float("env.valence_penalty", valence_penalty, 0.0)
+        check_float("env.triangle_bonus", triangle_bonus)
         self.max_nodes = max_nodes
         self.n_node_types = n_node_types
         self.valences = valences

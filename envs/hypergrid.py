@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from envs.base import Env
+from kinetic.validate import check_float, check_int
 
 __all__ = ["HyperGrid"]
 
@@ -57,17 +58,11 @@ class HyperGrid(Env):
         R2: float = 2.0,
         device: str | torch.device = "cpu",
     ) -> None:
-        for name, value, low in (("ndim", ndim, 1), ("height", height, 2)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"HyperGrid {name} must be an int, got {value!r}")
-            if value < low:
-                raise ValueError(f"HyperGrid {name} must be >= {low}, got {value}")
-        for name, value, strict in (("R0", R0, True), ("R1", R1, False), ("R2", R2, False)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"HyperGrid {name} must be a real number, got {value!r}")
-            if not math.isfinite(value) or value < 0 or (strict and value == 0):
-                valid = "finite and > 0" if strict else "finite and >= 0"
-                raise ValueError(f"HyperGrid {name} must be {valid}, got {value}")
+        check_int("env.ndim", ndim, 1)
+        check_int("env.height", height, 2)
+        check_float("env.R0", R0, 0.0, low_open=True)
+        check_float("env.R1", R1, 0.0)
+        check_float("env.R2", R2, 0.0)
         self.ndim = ndim
         self.height = height
         self.R0, self.R1, self.R2 = float(R0), float(R1), float(R2)

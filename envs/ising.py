@@ -7,13 +7,13 @@ arXiv 2202.01361). States carry 0 for a spin not yet set.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from envs.base import Env
+from kinetic.validate import check_choice, check_float, check_int
 
 __all__ = ["Ising"]
 
@@ -71,19 +71,10 @@ class Ising(Env):
         order: str = "any",
         device: str | torch.device = "cpu",
     ) -> None:
-        if isinstance(L, bool) or not isinstance(L, int):
-            raise TypeError(f"Ising L must be an int, got {L!r}")
-        if L < 2:
-            raise ValueError(f"Ising L must be >= 2, got {L}")
-        for name, value in (("J", J), ("beta", beta)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"Ising {name} must be a real number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"Ising {name} must be finite, got {value}")
-        if beta < 0:
-            raise ValueError(f"Ising beta must be >= 0, got {beta}")
-        if order not in ORDERS:
-            raise ValueError(f"Unknown Ising order: {order!r}; valid: {', '.join(ORDERS)}")
+        check_int("env.L", L, 2)
+        check_float("env.J", J)
+        check_float("env.beta", beta, 0.0)
+        check_choice("env.order", order, ORDERS)
         self.L, self.J, self.beta, self.order = L, float(J), float(beta), order
         self.device = torch.device(device)
         n = L * L

@@ -77,7 +77,12 @@ def check_float(
 ) -> float:
     """`value` as a finite float within the bounds (open or closed); NaN and inf are refused
     unless a bound is infinite (`high=math.inf, high_open=False` accepts inf)."""
-    expected = f"expected a float {_interval(low, high, low_open, high_open)}"
+    bounded = low is not None or high is not None
+    expected = (
+        f"expected a float {_interval(low, high, low_open, high_open)}"
+        if bounded
+        else ("expected a finite float")
+    )
     if isinstance(value, bool | Tensor) or not isinstance(value, numbers.Real):
         raise ConfigError(f"Invalid {key}: {value!r}; {expected}")
     value = float(value)

@@ -95,7 +95,7 @@ CASES = [
     (["train.clip_grad_norm=-1"], "run", "Invalid train.clip_grad_norm: -1; expected a float >= 0"),
     (["task.log_z_beta3=-1"], "run", "Invalid task.log_z_beta3: -1; expected a float >= 0"),
     (["task.batch_size=0"], "run", "Invalid task.batch_size: 0; expected an int >= 1"),
-    (["env.height=0"], "notes", "env=HyperGrid: HyperGrid height must be >= 2, got 0"),
+    (["env.height=0"], "notes", "Invalid env.height: 0; expected an int >= 2"),
     # Ranges of documented keys.
     (["task.epsilon=1.5"], "run", "Invalid task.epsilon: 1.5; expected a float in [0, 1]"),
     (["task.temperature=0"], "run", "Invalid task.temperature: 0; expected a float > 0"),

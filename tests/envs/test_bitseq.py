@@ -200,26 +200,30 @@ def test_sampled_metrics_rejects_a_bad_log_prob_fn() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "msg"),
     [
-        ({"n": 30, "k": 4}, ValueError, "BitSequence n must be a multiple of k=4, got n=30"),
-        ({"k": 0}, ValueError, "BitSequence k must be in [1, 16], got 0"),
-        ({"n": 0}, ValueError, "BitSequence n must be >= 1, got 0"),
-        ({"n": 4.0}, TypeError, "BitSequence n must be an int, got 4.0"),
+        ({"n": 30, "k": 4}, ValueError, "Invalid env.n: 30; expected a multiple of env.k=4"),
+        ({"k": 0}, ValueError, "Invalid env.k: 0; expected an int in [1, 16]"),
+        ({"n": 0}, ValueError, "Invalid env.n: 0; expected an int >= 1"),
+        ({"n": 4.0}, ValueError, "Invalid env.n: 4.0; expected an int >= 1"),
         (
             {"n": 12, "k": 4},
             ValueError,
             "BitSequence n must be a multiple of 8 (the length of the target words) when "
             "targets are drawn, got n=12; pass targets=[...] for other lengths",
         ),
-        ({"n": 8, "n_targets": 6}, ValueError, "BitSequence n_targets must be in [1, 5], got 6"),
+        (
+            {"n": 8, "n_targets": 6},
+            ValueError,
+            "Invalid env.n_targets: 6; expected an int in [1, 5]",
+        ),
         (
             {"temperature": 0.0},
             ValueError,
-            "BitSequence temperature must be finite and > 0, got 0.0",
+            "Invalid env.temperature: 0; expected a float > 0",
         ),
         (
             {"mode_threshold": 33},
             ValueError,
-            "BitSequence mode_threshold must be in [0, 32], got 33",
+            "Invalid env.mode_threshold: 33; expected an int in [0, 32]",
         ),
         (
             {"n": 4, "k": 2, "targets": ["0101", "01"]},

@@ -213,22 +213,22 @@ def test_configs_build_and_enumerate() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"max_nodes": 0}, ValueError, "GraphBuilding max_nodes must be >= 1, got 0"),
-        ({"n_node_types": 2.0}, TypeError, "GraphBuilding n_node_types must be an int, got 2.0"),
+        ({"max_nodes": 0}, ValueError, "Invalid env.max_nodes: 0; expected an int >= 1"),
+        ({"n_node_types": 2.0}, ValueError, "Invalid env.n_node_types: 2.0; expected an int >= 1"),
         (
             {"valences": [1]},
             ValueError,
-            "GraphBuilding valences must be n_node_types=2 ints >= 0, got [1]",
+            "Invalid env.valences: [1]; expected env.n_node_types=2 ints >= 0",
         ),
         (
             {"valence_penalty": -1.0},
             ValueError,
-            "GraphBuilding valence_penalty must be finite and >= 0, got -1.0",
+            "Invalid env.valence_penalty: -1; expected a float >= 0",
         ),
         (
             {"triangle_bonus": float("nan")},
             ValueError,
-            "GraphBuilding triangle_bonus must be finite, got nan",
+            "Invalid env.triangle_bonus: nan; expected a finite float",
         ),
     ],
 )

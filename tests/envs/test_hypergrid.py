@@ -136,15 +136,15 @@ def _msg(text: str) -> str:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"ndim": 0}, ValueError, "HyperGrid ndim must be >= 1, got 0"),
-        ({"height": 1}, ValueError, "HyperGrid height must be >= 2, got 1"),
-        ({"ndim": 2.0}, TypeError, "HyperGrid ndim must be an int, got 2.0"),
-        ({"height": True}, TypeError, "HyperGrid height must be an int, got True"),
-        ({"R0": 0.0}, ValueError, "HyperGrid R0 must be finite and > 0, got 0.0"),
-        ({"R0": float("nan")}, ValueError, "HyperGrid R0 must be finite and > 0, got nan"),
-        ({"R1": -0.5}, ValueError, "HyperGrid R1 must be finite and >= 0, got -0.5"),
-        ({"R2": float("inf")}, ValueError, "HyperGrid R2 must be finite and >= 0, got inf"),
-        ({"R2": "2"}, TypeError, "HyperGrid R2 must be a real number, got '2'"),
+        ({"ndim": 0}, ValueError, "Invalid env.ndim: 0; expected an int >= 1"),
+        ({"height": 1}, ValueError, "Invalid env.height: 1; expected an int >= 2"),
+        ({"ndim": 2.0}, ValueError, "Invalid env.ndim: 2.0; expected an int >= 1"),
+        ({"height": True}, ValueError, "Invalid env.height: True; expected an int >= 2"),
+        ({"R0": 0.0}, ValueError, "Invalid env.R0: 0; expected a float > 0"),
+        ({"R0": float("nan")}, ValueError, "Invalid env.R0: nan; expected a float > 0"),
+        ({"R1": -0.5}, ValueError, "Invalid env.R1: -0.5; expected a float >= 0"),
+        ({"R2": float("inf")}, ValueError, "Invalid env.R2: inf; expected a float >= 0"),
+        ({"R2": "2"}, ValueError, "Invalid env.R2: '2'; expected a float >= 0"),
     ],
 )
 def test_invalid_arguments(kwargs: dict, error: type[Exception], message: str) -> None:

@@ -142,11 +142,11 @@ def test_sampled_metrics_of_the_ground_state() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"L": 1}, ValueError, "Ising L must be >= 2, got 1"),
-        ({"L": 3.0}, TypeError, "Ising L must be an int, got 3.0"),
-        ({"beta": -0.1}, ValueError, "Ising beta must be >= 0, got -0.1"),
-        ({"J": float("nan")}, ValueError, "Ising J must be finite, got nan"),
-        ({"order": "random"}, ValueError, "Unknown Ising order: 'random'; valid: any, raster"),
+        ({"L": 1}, ValueError, "Invalid env.L: 1; expected an int >= 2"),
+        ({"L": 3.0}, ValueError, "Invalid env.L: 3.0; expected an int >= 2"),
+        ({"beta": -0.1}, ValueError, "Invalid env.beta: -0.1; expected a float >= 0"),
+        ({"J": float("nan")}, ValueError, "Invalid env.J: nan; expected a finite float"),
+        ({"order": "random"}, ValueError, "Unknown env.order: 'random'; valid: any, raster"),
     ],
 )
 def test_bad_arguments_name_the_key_and_the_valid_values(kwargs, error, message) -> None:
