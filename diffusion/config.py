@@ -161,11 +161,17 @@ def validate_unet(node: Mapping[str, Any], resolution: int | None = None) -> Non
                 f"Invalid model.norm_num_groups: {groups}; it must divide every "
                 f"model.block_out_channels ({', '.join(str(c) for c in channels)})"
             )
-    if resolution is not None and resolution % 2 ** (len(channels) - 1):
-        factor = 2 ** (len(channels) - 1)
+    if resolution is not None:
+        check_unet_resolution(resolution, len(channels))
+
+
+def check_unet_resolution(resolution: int, levels: int) -> None:
+    """`data.resolution` survives the UNet's `levels - 1` downsamplings (checked before a run
+    and by `diffusion.task.build_unet`)."""
+    if resolution % 2 ** (levels - 1):
         raise ConfigError(
-            f"Invalid data.resolution: {resolution}; the UNet downsamples {len(channels) - 1} "
-            f"times, so the resolution must be a multiple of {factor}"
+            f"Invalid data.resolution: {resolution}; the UNet downsamples {levels - 1} times, "
+            f"so the resolution must be a multiple of {2 ** (levels - 1)}"
         )
 
 

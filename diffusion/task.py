@@ -18,7 +18,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from diffusion.config import LR_SCHEDULES, EMAConfig
+from diffusion.config import LR_SCHEDULES, EMAConfig, check_unet_resolution
 from diffusion.data import BatchSampler, ImageData, build_dataset
 from diffusion.quality import DigitQuality, cached_classifier
 from diffusion.sampling import build_sampler, image_grid, sample_images, save_grid
@@ -26,6 +26,7 @@ from kinetic import distributed
 from kinetic.checkpoint import check_state_shapes
 from kinetic.config import TrainConfig
 from kinetic.device import resolve_device
+from kinetic.errors import ConfigError
 from kinetic.task import Task
 from kinetic.validate import check_choice, check_int
 
@@ -38,18 +39,13 @@ def build_unet(model_cfg: DictConfig | dict, channels: int, resolution: int) -> 
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
-    n_down = len(kwargs.get("down_block_types", ())) - 1
-    if resolution % 2**n_down:
-        raise ValueError(
-            f"Invalid data.resolution: {resolution}; the UNet downsamples {n_down} times, so "
-            f"the resolution must be a multiple of {2**n_down}"
-        )
+    check_unet_resolution(resolution, len(kwargs.get("down_block_types", ())))
     try:
         return UNet2DModel(
             sample_size=resolution, in_channels=channels, out_channels=channels, **kwargs
         )
     except TypeError as err:
-        raise TypeError(f"Invalid model config for UNet2DModel: {err}") from err
+        raise ConfigError(f"Invalid model config for UNet2DModel: {err}") from err
 
 
 def build_noise_scheduler(task_cfg: DictConfig | dict) -> DDPMScheduler:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from envs.base import Env
 from gfn.sampler import PAD_ACTION, Trajectories
+from kinetic.validate import check_choice, check_float, check_int
 
 __all__ = ["PRIORITIES", "ReplayBuffer"]
 
@@ -41,14 +42,9 @@ class ReplayBuffer:
         alpha: float = 1.0,
         device: torch.device | str | None = None,
     ) -> None:
-        if capacity < 1:
-            raise ValueError(f"Invalid replay capacity: {capacity}; it must be at least 1")
-        if priority not in PRIORITIES:
-            raise ValueError(
-                f"Unknown replay priority: {priority!r}; valid: {', '.join(PRIORITIES)}"
-            )
-        if not 0.0 <= alpha < float("inf"):
-            raise ValueError(f"Invalid replay alpha: {alpha}; it must be non-negative and finite")
+        check_int("task.replay.capacity", capacity, 1)
+        check_choice("task.replay.priority", priority, PRIORITIES)
+        check_float("alpha", alpha, 0.0)
         self.capacity = capacity
         self.priority = priority
         self.alpha = alpha

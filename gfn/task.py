@@ -34,6 +34,7 @@ from kinetic.checkpoint import CheckpointError, check_state_shapes
 from kinetic.device import resolve_device
 from kinetic.errors import ConfigError, call_with_config
 from kinetic.task import Task
+from kinetic.validate import check_probability
 
 
 def build_env(cfg: DictConfig) -> Env:
@@ -155,10 +156,7 @@ class GFlowNetTask(Task):
         self.replay = None
         self.n_replay = 0
         if replay is not None and replay_fraction > 0:
-            if not 0 < replay_fraction < 1:
-                raise ValueError(
-                    f"Invalid task.replay.fraction: {replay_fraction}; expected (0, 1)"
-                )
+            check_probability("task.replay.fraction", replay_fraction, high_open=True)
             self.replay = replay
             self.n_replay = round(self.local_batch_size * replay_fraction)
         self.items_per_step = self.batch_size

@@ -97,7 +97,7 @@ def test_evaluation_scores_ema_samples_and_saves_the_grid(tmp_path, classifier_c
         ),
         (
             "+model.n_heads=2",
-            TypeError,
+            ValueError,
             "Invalid model config for UNet2DModel: "
             "UNet2DModel.__init__() got an unexpected keyword argument 'n_heads'",
         ),
