@@ -17,6 +17,7 @@ from torch_geometric.nn import GINConv, global_add_pool
 
 from envs.base import Env
 from gfn.policies import PolicyOutput, check_policy_arguments, has_learned_backward
+from kinetic.errors import ConfigError
 from kinetic.validate import check_int
 
 __all__ = ["GNNPolicy", "build_gnn_policy"]
@@ -148,7 +149,7 @@ def build_gnn_policy(cfg_model: Any, env: Env, flow_head: bool = False) -> GNNPo
     max_nodes = getattr(env, "max_nodes", None)
     features = env.featurize(env.initial_states(1))
     if max_nodes is None or not isinstance(features, Batch):
-        raise TypeError(
+        raise ConfigError(
             f"model=gnn needs a graph environment (featurize returning a torch-geometric Batch "
             f"and a max_nodes attribute, like envs.graphs.GraphBuilding); got "
             f"{type(env).__name__}, whose featurize returns {type(features).__name__}"

@@ -63,7 +63,7 @@ def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn
     if cfg.model.name == "mlp":
         features = env.featurize(env.initial_states(1))
         if not isinstance(features, Tensor):
-            raise TypeError(
+            raise ConfigError(
                 f"model=mlp needs featurize() to return a tensor, but {type(env).__name__} "
                 f"returns a {type(features).__name__}; "
                 "use model=gnn for graph environments"

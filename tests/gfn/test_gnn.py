@@ -125,7 +125,7 @@ def test_build_from_config() -> None:
         "a max_nodes attribute, like envs.graphs.GraphBuilding); got HyperGrid, whose "
         "featurize returns Tensor"
     )
-    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         build_gnn_policy(cfg, HyperGrid())
 
 

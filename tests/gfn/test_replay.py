@@ -112,9 +112,11 @@ def test_sampling_rules(env: HyperGrid, gflownet: GFlowNet) -> None:
     buffer.add(tagged(env, gflownet, 4, 0, seed=1))
     with pytest.raises(ValueError, match=r"^Cannot draw 5 trajectories without replacement"):
         buffer.sample(5, torch.Generator())
-    with pytest.raises(ValueError, match=r"^Unknown task\.replay\.priority: 'rewards'; valid: uniform"):
+    message = r"^Unknown task\.replay\.priority: 'rewards'; valid: uniform"
+    with pytest.raises(ValueError, match=message):
         ReplayBuffer(env, capacity=8, priority="rewards")
-    with pytest.raises(ValueError, match=r"^Invalid task\.replay\.capacity: 0; expected an int >= 1$"):
+    message = r"^Invalid task\.replay\.capacity: 0; expected an int >= 1$"
+    with pytest.raises(ValueError, match=message):
         ReplayBuffer(env, capacity=0)
 
 

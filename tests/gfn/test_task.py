@@ -70,7 +70,7 @@ def test_mlp_on_a_graph_environment_names_the_fix():
         "model=mlp needs featurize() to return a tensor, but GraphBuilding returns a DataBatch; "
         "use model=gnn for graph environments"
     )
-    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         GFlowNetTask.from_config(_cfg("model=mlp", env=("env=graphs_tiny",)))
 
 
