@@ -44,21 +44,21 @@ class ConfigError(ValueError):
 
 
 def _interval(low: Any, high: Any, low_open: bool, high_open: bool) -> str:
-    """`in [low, high)`, `>= low`, ... (ints as they are, floats in %g)."""
+    """` in [low, high)`, ` >= low`, ... (ints as they are, floats in %g); "" without bounds."""
     show = (lambda v: str(v)) if isinstance(low, int) or isinstance(high, int) else "{:g}".format
     if low is not None and high is not None:
         left, right = "(" if low_open else "[", ")" if high_open else "]"
-        return f"in {left}{show(low)}, {show(high)}{right}"
+        return f" in {left}{show(low)}, {show(high)}{right}"
     if low is not None:
-        return f"{'>' if low_open else '>='} {show(low)}"
+        return f" {'>' if low_open else '>='} {show(low)}"
     if high is not None:
-        return f"{'<' if high_open else '<='} {show(high)}"
-    return "finite"
+        return f" {'<' if high_open else '<='} {show(high)}"
+    return ""
 
 
 def check_int(key: str, value: Any, low: int | None = None, high: int | None = None) -> int:
     """`value` as an int in [low, high] (either bound may be None); bools are refused."""
-    expected = f"expected an int {_interval(low, high, False, False)}".rstrip()
+    expected = f"expected an int{_interval(low, high, False, False)}"
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"Invalid {key}: {value!r}; {expected}")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -77,12 +77,9 @@ def check_float(
 ) -> float:
     """`value` as a finite float within the bounds (open or closed); NaN and inf are refused
     unless a bound is infinite (`high=math.inf, high_open=False` accepts inf)."""
-    bounded = low is not None or high is not None
-    expected = (
-        f"expected a float {_interval(low, high, low_open, high_open)}"
-        if bounded
-        else ("expected a finite float")
-    )
+    expected = f"expected a float{_interval(low, high, low_open, high_open)}"
+    if low is None and high is None:
+        expected = "expected a finite float"
     if isinstance(value, bool | Tensor) or not isinstance(value, numbers.Real):
         raise ConfigError(f"Invalid {key}: {value!r}; {expected}")
     value = float(value)
