@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gfn.losses import LOSSES, get_loss
+from gfn.losses import LOSSES, loss_from_config
 from gfn.policies import check_policy_arguments
 from gfn.replay import PRIORITIES
 from kinetic.config import TaskSchema
@@ -95,7 +95,7 @@ def _validate_loss(node: Mapping[str, Any]) -> None:
     if not (isinstance(name, str) and "." in name):
         check_choice("loss.name", name, tuple(LOSSES))
     with refused_arguments(f"loss={name}"):
-        get_loss(name, **{key: value for key, value in node.items() if key != "name"})
+        loss_from_config(node)
 
 
 def validate(cfg: Mapping[str, Any]) -> None:

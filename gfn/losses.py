@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -49,6 +50,7 @@ from gfn.scores import (
     flow_log_z,
     mdb_log_z,
 )
+from kinetic.errors import ConfigError
 from kinetic.validate import check_float
 
 __all__ = [
@@ -69,6 +71,7 @@ __all__ = [
     "get_loss",
     "log_partition_variance",
     "log_partition_variance_residuals",
+    "loss_from_config",
     "modified_detailed_balance",
     "modified_detailed_balance_residuals",
     "subtrajectory_balance",
@@ -429,11 +432,11 @@ def loss_class(name: str) -> type[GFlowNetLoss]:
         try:
             cls = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"Unknown loss: {name!r}; not importable ({err})") from err
+            raise ConfigError(f"Unknown loss: {name!r}; not importable ({err})") from err
         if isinstance(cls, type) and issubclass(cls, GFlowNetLoss):
             return cls
-        raise ValueError(f"Unknown loss: {name!r} is {cls!r}, not a GFlowNetLoss subclass")
-    raise ValueError(f"Unknown loss: {name!r}; valid: {', '.join(LOSSES)}")
+        raise ConfigError(f"Unknown loss: {name!r} is {cls!r}, not a GFlowNetLoss subclass")
+    raise ConfigError(f"Unknown loss: {name!r}; valid: {', '.join(LOSSES)}")
 
 
 def get_loss(name: str, **hparams: Any) -> GFlowNetLoss:
@@ -447,8 +450,13 @@ def get_loss(name: str, **hparams: Any) -> GFlowNetLoss:
     ]  # fmt: skip
     unknown = sorted(set(hparams) - set(valid))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown hyperparameter(s) {', '.join(unknown)} for loss {name!r}; "
             f"valid: {', '.join(valid) if valid else 'none'}"
         )
     return cls(**hparams)
+
+
+def loss_from_config(node: Mapping[str, Any]) -> GFlowNetLoss:
+    """The loss of a `loss` config node: `name`, and the loss's hyperparameters beside it."""
+    return get_loss(node["name"], **{key: value for key, value in node.items() if key != "name"})

@@ -24,7 +24,7 @@ from gfn.evaluation import (
     terminal_index,
     true_terminal_distribution,
 )
-from gfn.losses import GFlowNetLoss, get_loss
+from gfn.losses import GFlowNetLoss, get_loss, loss_from_config
 from gfn.policies import GFlowNet, MLPPolicy, masked_log_softmax
 from gfn.replay import ReplayBuffer
 from gfn.sampler import Trajectories, sample_trajectories
@@ -177,7 +177,7 @@ class GFlowNetTask(Task):
         env = build_env(cfg).to(device)
         if tc.check_env:  # a few random rollouts: tells an env author what is wrong, in words
             check_env(env, seed=cfg.seed)
-        loss = get_loss(cfg.loss.name, **{k: v for k, v in cfg.loss.items() if k != "name"})
+        loss = loss_from_config(cfg.loss)
         policy = build_policy(cfg, env, flow_head=loss.flow_head)
         model = GFlowNet(policy, log_z_init=tc.log_z_init).to(device)
         if cfg.get("compile", False):
