@@ -167,18 +167,19 @@ def _available() -> str:
     return ", ".join(sorted(set(TASKS) | set(_entry_points())))
 
 
-def _import_registering(module: str, name: str, where: str) -> None:
+def _import_registering(module: str, name: str) -> None:
+    """Import `task.module`, which must register the task `name`."""
     try:
         importlib.import_module(module)
     except ImportError as err:
         raise ConfigError(
-            f"{where}={module}: cannot be imported ({err}); put its package on PYTHONPATH or "
+            f"task.module={module}: cannot be imported ({err}); put its package on PYTHONPATH or "
             f"install it (available tasks: {_available()})"
         ) from err
     if name not in TASKS:
         raise ConfigError(
-            f"{where}={module} was imported but registered no task named {name!r}; it must call "
-            f"kinetic.register_task({name!r}, ...) (available tasks: {_available()})"
+            f"task.module={module} was imported but registered no task named {name!r}; it must "
+            f"call kinetic.register_task({name!r}, ...) (available tasks: {_available()})"
         )
 
 
@@ -200,7 +201,7 @@ def task_spec(name: Any, module: str | None = None) -> TaskSpec:
             "that name (it must call kinetic.register_task)"
         )
     if module is not None:
-        _import_registering(module, name, "task.module")
+        _import_registering(module, name)
         return TASKS[name]
     if "." in name:  # the import path of a Task subclass
         path, _, attr = name.rpartition(".")

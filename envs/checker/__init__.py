@@ -18,7 +18,6 @@ import torch
 
 from envs.base import Env
 from envs.checker.checks import (
-    _is_int,
     check_attributes,
     check_backward_step,
     check_backward_walks,
@@ -36,6 +35,7 @@ from envs.checker.checks import (
 )
 from envs.checker.messages import PROBE_SIZE, EnvCheckError
 from envs.checker.rollouts import Rollouts, random_rollouts
+from kinetic.validate import check_int
 
 __all__ = [
     "EnvCheckError",
@@ -76,10 +76,9 @@ def check_env(env: Env, n_trajectories: int = 64, seed: int = 0) -> None:
 
     Raises:
         EnvCheckError: one sentence per problem, in its message and in ``.problems``.
-        ValueError: `n_trajectories` is not an int >= 1.
+        ConfigError: `n_trajectories` is not an int >= 1.
     """
-    if not _is_int(n_trajectories, 1):
-        raise ValueError(f"Invalid n_trajectories: {n_trajectories!r}; expected an int >= 1")
+    check_int("n_trajectories", n_trajectories, 1)
     name = type(env).__name__
     if not isinstance(env, Env):
         raise EnvCheckError(name, [
