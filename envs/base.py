@@ -161,6 +161,30 @@ class Env(ABC):
             f"{type(self).__name__} does not implement mode_hits(); target counting needs it"
         )
 
+    def data_files(self) -> dict[str, Tensor]:
+        """Arrays a run writes to its directory as ``<name>.npy`` when it starts (optional):
+        what the reward is computed from (e.g. the dataset a structure-learning score reads),
+        so results can be recomputed outside kinetic."""
+        return {}
+
+    def distribution_metrics(
+        self, terminals: Tensor, p: Tensor, p_star: Tensor
+    ) -> dict[str, float]:
+        """Environment-specific exact metrics of the policy's terminal distribution (optional).
+
+        Args:
+            terminals: ``enumerate_terminals()``, ``(N, *state_shape)``.
+            p: the policy's exact terminal distribution over them, float64 ``(N,)``.
+            p_star: the target R/Z over them, float64 ``(N,)``.
+
+        Returns:
+            Named metrics (floats), logged under ``eval/`` beside l1, tv and jsd (e.g. the
+            error of edge marginals for structure learning).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement distribution_metrics()"
+        )
+
     def sampled_metrics(
         self, samples: Tensor, log_prob_fn: Callable[[Tensor], Tensor]
     ) -> dict[str, float]:

@@ -24,7 +24,7 @@ __all__ = ["MODELS", "GFlowNetTaskConfig", "ReplayConfig", "run_name", "validate
 MODELS = ("mlp", "gnn")
 # The environment keys a run's name shows, where its env has them: the size of the task (and
 # for Ising its coupling and temperature), not every reward constant.
-NAMED_ENV_KEYS = ("ndim", "height", "n", "k", "max_nodes", "L", "J", "beta")
+NAMED_ENV_KEYS = ("ndim", "height", "n", "k", "max_nodes", "n_nodes", "L", "J", "beta", "delta")
 
 
 @dataclass
@@ -123,4 +123,5 @@ register_task(
     identity=("env", "model", "loss"),
     hparams=("env", "loss", "model", "task.batch_size"),
     run_name=run_name,
+    outputs=("data.npy", "true_graph.npy", "samples.npy"),
 )

@@ -216,7 +216,8 @@ def exact_metrics(
         batch_size: the most states per `log_pf_fn` call.
 
     Returns:
-        ``l1``, ``tv``, ``jsd`` (see the module docstring for conventions), ``log_z_error``
+        ``l1``, ``tv``, ``jsd`` (see the module docstring for conventions), the env's own
+        ``distribution_metrics`` if it implements them, ``log_z_error``
         if `log_z` is given, ``n_modes`` and ``n_mode_regions`` (totals) if the env
         implements ``is_mode``/``mode_region``, and the ``*_found`` counts if `visited`
         is given.
@@ -228,11 +229,13 @@ def exact_metrics(
     _require_enumerable(env)
     if visited is not None:
         _require_modes(env)
-    _, p = exact_terminal_distribution(env, log_pf_fn, batch_size)  # (T,)
+    terminals, p = exact_terminal_distribution(env, log_pf_fn, batch_size)  # (T,)
     p_star, log_z_star = true_terminal_distribution(env, batch_size)  # (T,)
     p_star = p_star.to(p.device)
     l1 = float(l1_distance(p, p_star))
     metrics = {"l1": l1, "tv": 0.5 * l1, "jsd": float(jensen_shannon_divergence(p, p_star))}
+    if implements(env, "distribution_metrics"):
+        metrics |= env.distribution_metrics(terminals, p, p_star)
     if log_z is not None:
         metrics["log_z_error"] = log_z_error(log_z, log_z_star)
     if implements(env, "is_mode") and implements(env, "mode_region"):

@@ -160,6 +160,10 @@ class GFlowNetTask(Task):
             self.replay = replay
             self.n_replay = round(self.local_batch_size * replay_fraction)
         self.items_per_step = self.batch_size
+        # Where evaluation writes the env's data files (`Env.data_files`) on its first call;
+        # None: nowhere. Set by `from_config` to the run directory.
+        self.run_dir: Path | None = None
+        self._data_written = False
 
         self.found_targets: Tensor | None = None  # for envs with mode_hits, (n_targets,) bool
         self.enumerable = is_enumerable(self.env)
@@ -187,12 +191,14 @@ class GFlowNetTask(Task):
             # One buffer per rank, of the rank's share of the capacity (see docs/distributed.md).
             capacity = math.ceil(tc.replay.capacity / distributed.world_size())
             replay = ReplayBuffer(env, capacity, tc.replay.priority)
-        return cls(
+        task = cls(
             env, model, loss, batch_size=tc.batch_size, log_z_lr=tc.log_z_lr,
             log_z_beta3=tc.get("log_z_beta3"),
             epsilon=tc.epsilon, temperature=tc.temperature, eval_samples=tc.eval_samples,
             replay=replay, replay_fraction=tc.replay.fraction, seed=cfg.seed,
         )  # fmt: skip
+        task.run_dir = None if run_dir is None else Path(run_dir)
+        return task
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The policy, then log Z with its own learning rate (and VRAdam's beta3, if set)."""
@@ -258,6 +264,9 @@ class GFlowNetTask(Task):
         return self.loss_fn.estimate_log_z(self.model, self.env)
 
     def evaluate(self, step: int) -> dict[str, float]:
+        if self.run_dir is not None and not self._data_written and distributed.is_main_process():
+            write_data_files(self.env, self.run_dir)
+            self._data_written = True
         log_z = self.log_z()
         metrics = {} if log_z is None else {"log_z": float(log_z)}
         if self.found_targets is not None:
@@ -317,6 +326,13 @@ class GFlowNetTask(Task):
         """The training stream (batches, replay draws) and the evaluation's, which carries
         across evaluations."""
         return {"batches": self.generator, "eval": self.eval_generator}
+
+
+def write_data_files(env: Env, run_dir: Path) -> None:
+    """The environment's `Env.data_files` as ``<name>.npy`` in `run_dir`."""
+    for name, array in env.data_files().items():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        np.save(run_dir / f"{name}.npy", array.detach().cpu().numpy())
 
 
 def side_by_side(terminals: Tensor, p: Tensor, p_star: Tensor, scale: int = 16) -> np.ndarray:
