@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["Env"]
+__all__ = ["ConditionalEnv", "Env"]
 
 
 def _to_device(value: object, device: torch.device) -> object:
@@ -67,6 +67,9 @@ class Env(ABC):
     state_dtype: torch.dtype
     s0: Tensor
     max_steps: int
+    # Metrics of the environment's own (`distribution_metrics`, `sampled_metrics`) that a run's
+    # closing `done:` line shows beside l1 and jsd.
+    summary_keys: tuple[str, ...] = ()
 
     def to(self, device: torch.device | str) -> Env:
         """Move the environment to `device` in place and return it (as `torch.nn.Module.to`).
@@ -201,3 +204,35 @@ class Env(ABC):
             Named metrics (floats), logged under ``eval/``.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement sampled_metrics()")
+
+
+class ConditionalEnv(Env):
+    """An environment whose reward depends on a condition c, drawn once per trajectory.
+
+    A conditional GFlowNet (Jain et al. 2023, arXiv 2210.12765) feeds c to P_F, P_B and log F
+    (the policy's input is ``featurize(s)`` with c appended) and learns log Z(c); one network
+    then samples from R(x | c)/Z(c) for every c. The environment says how conditions are drawn
+    for training, which held-out ones evaluation scores, and what the reward of each is.
+
+    Attributes:
+        condition_dim: C, the length of a condition vector.
+    """
+
+    condition_dim: int
+
+    @abstractmethod
+    def sample_conditions(self, n: int, generator: torch.Generator) -> Tensor:
+        """`n` training conditions, float ``(n, C)``, on the environment's device."""
+
+    @abstractmethod
+    def conditional_log_reward(self, states: Tensor, conditions: Tensor) -> Tensor:
+        """log R(x | c) of terminal states ``(B, *state_shape)`` under conditions ``(B, C)``:
+        float ``(B,)``."""
+
+    @abstractmethod
+    def eval_conditions(self) -> Tensor:
+        """The held-out conditions evaluation scores one by one, float ``(K, C)``."""
+
+    def condition_label(self, condition: Tensor) -> str:
+        """A short name of one condition ``(C,)`` for metric keys, e.g. ``beta=0.5``."""
+        return "c=" + ",".join(f"{float(v):g}" for v in condition)

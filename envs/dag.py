@@ -163,6 +163,8 @@ class DAGEnv(Env):
         device: where states live. Default: ``"cpu"``.
     """
 
+    summary_keys = ("edge_marginal_error", "expected_shd")
+
     def __init__(
         self,
         n_nodes: int = 5,

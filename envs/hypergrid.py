@@ -12,10 +12,10 @@ import math
 import torch
 from torch import Tensor
 
-from envs.base import Env
-from kinetic.validate import check_float, check_int
+from envs.base import ConditionalEnv, Env
+from kinetic.validate import ConfigError, check_float, check_int
 
-__all__ = ["HyperGrid"]
+__all__ = ["ConditionalHyperGrid", "HyperGrid"]
 
 
 class HyperGrid(Env):
@@ -178,3 +178,93 @@ class HyperGrid(Env):
         """Corner of each state: bit d set when x_d is in the upper half, long ``(B,)``."""
         upper = (2 * states > self.height - 1).long()  # (B, D)
         return (upper << self._coords[: self.ndim]).sum(dim=1)
+
+
+class ConditionalHyperGrid(HyperGrid, ConditionalEnv):
+    r"""HyperGrid whose reward is tempered by a condition β, drawn per trajectory.
+
+    .. code-block:: text
+
+        condition  c = (β,), β ~ U[beta_min, beta_max] for each training trajectory
+        reward     log R(x | β) = β · log R(x)   (R of `HyperGrid`)
+
+    β < 1 flattens the target towards uniform, β > 1 sharpens it onto the modes; one
+    conditional GFlowNet learns them all, with log Z(β). Evaluation is exact for each of the
+    held-out `eval_betas` (L1, JSD and |log Z(β) − log Z*(β)| each). `log_reward` is the
+    reward at β = 1.
+
+    Args:
+        beta_min, beta_max: the range training conditions are drawn from, 0 < min <= max.
+            Default: 0.5 and 2.0.
+        eval_betas: the conditions evaluation scores, each inside the range. Default:
+            (0.5, 0.75, 1.0, 1.5, 2.0).
+        ndim, height, R0, R1, R2, device: as `HyperGrid`.
+    """
+
+    condition_dim = 1
+
+    def __init__(
+        self,
+        ndim: int = 2,
+        height: int = 8,
+        R0: float = 0.1,
+        R1: float = 0.5,
+        R2: float = 2.0,
+        beta_min: float = 0.5,
+        beta_max: float = 2.0,
+        eval_betas: tuple[float, ...] | list[float] = (0.5, 0.75, 1.0, 1.5, 2.0),
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(ndim, height, R0, R1, R2, device)
+        self.beta_min = check_float("env.beta_min", beta_min, 0.0, low_open=True)
+        self.beta_max = check_float("env.beta_max", beta_max, self.beta_min)
+        if isinstance(eval_betas, (int, float)) or len(eval_betas) == 0:
+            raise ConfigError(
+                f"Invalid env.eval_betas: {eval_betas!r}; expected a non-empty list of floats"
+            )
+        for beta in eval_betas:
+            if not self.beta_min <= check_float("env.eval_betas", beta) <= self.beta_max:
+                raise ConfigError(
+                    f"Invalid env.eval_betas: {beta:g} lies outside the training range "
+                    f"[env.beta_min, env.beta_max] = [{self.beta_min:g}, {self.beta_max:g}]"
+                )
+        self.eval_betas = tuple(float(beta) for beta in eval_betas)
+
+    def __repr__(self) -> str:
+        return (
+            super()
+            .__repr__()
+            .replace("HyperGrid(", "ConditionalHyperGrid(", 1)
+            .replace(", device", f", beta_min={self.beta_min}, beta_max={self.beta_max}, device")
+        )
+
+    def sample_conditions(self, n: int, generator: torch.Generator) -> Tensor:
+        """β ~ U[beta_min, beta_max], float32 ``(n, 1)``."""
+        u = torch.rand(n, 1, generator=generator, device=self.s0.device)
+        return self.beta_min + (self.beta_max - self.beta_min) * u
+
+    def conditional_log_reward(self, states: Tensor, conditions: Tensor) -> Tensor:
+        """β · log R(x), float ``(B,)``."""
+        return conditions[:, 0] * self.log_reward(states)
+
+    def eval_conditions(self) -> Tensor:
+        """`eval_betas` as ``(K, 1)``."""
+        return torch.tensor(self.eval_betas, device=self.s0.device).unsqueeze(1)
+
+    def condition_label(self, condition: Tensor) -> str:
+        return f"beta={float(condition[0]):g}"
+
+    def true_log_z_at(self, beta: float) -> float:
+        """log Z*(β) = log Σ_x R(x)^β, in closed form: R takes three values, on cells counted
+        per axis (the plateau minus the band, the band, the rest)."""
+        span = self.height - 1
+        dist = (2 * torch.arange(self.height) - span).abs()
+        n_plateau = int((2 * dist > span).sum()) ** self.ndim
+        n_band = int(((5 * dist > 3 * span) & (5 * dist < 4 * span)).sum()) ** self.ndim
+        n_all = self.height**self.ndim
+        levels = (
+            (n_all - n_plateau, self.R0),
+            (n_plateau - n_band, self.R0 + self.R1),
+            (n_band, self.R0 + self.R1 + self.R2),
+        )
+        return math.log(sum(count * value**beta for count, value in levels if count))

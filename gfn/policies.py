@@ -22,6 +22,7 @@ __all__ = [
     "MLPPolicy",
     "PolicyOutput",
     "masked_log_softmax",
+    "policy_input",
     "uniform_log_probs",
 ]
 
@@ -71,6 +72,14 @@ def uniform_log_probs(mask: Tensor) -> Tensor:
     n_legal = mask.sum(dim=-1, keepdim=True)  # (..., 1)
     log_p = -torch.log(n_legal.to(torch.get_default_dtype()))  # (..., 1); -(-inf) where none
     return log_p.expand(mask.shape).masked_fill(~mask, float("-inf"))
+
+
+def policy_input(features: Tensor, conditions: Tensor | None) -> Tensor:
+    """What the policy eats: the states' features ``(B, F)``, with each row's condition
+    ``(B, C)`` appended for a conditional GFlowNet (``(B, F + C)``)."""
+    if conditions is None:
+        return features
+    return torch.cat([features, conditions.to(features.dtype)], dim=-1)
 
 
 def has_learned_backward(backward: str) -> bool:
@@ -158,28 +167,56 @@ class MLPPolicy(nn.Module):
 class GFlowNet(nn.Module):
     """An environment-agnostic policy (P_F, P_B, log F) plus the learned log Z.
 
+    A conditional GFlowNet (``condition_dim > 0``) learns log Z(c) with a small MLP
+    (`log_z_net`: C -> `log_z_hidden` -> 1, its output bias starting at `log_z_init`) in place
+    of the scalar; its policy eats features with the condition appended (`policy_input`).
+
     Args:
         policy: a module mapping featurized states to a `PolicyOutput` (e.g. `MLPPolicy`).
         log_z_init: initial value of log Z (default 0.0).
+        condition_dim: C, the length of the condition vector; 0: unconditional (default).
+        log_z_hidden: width of log Z(c)'s hidden layer (default 64).
     """
 
-    def __init__(self, policy: nn.Module, log_z_init: float = 0.0) -> None:
+    def __init__(
+        self,
+        policy: nn.Module,
+        log_z_init: float = 0.0,
+        condition_dim: int = 0,
+        log_z_hidden: int = 64,
+    ) -> None:
         super().__init__()
         self.policy = policy
         self.log_z = nn.Parameter(torch.tensor(float(log_z_init)))
+        self.condition_dim = check_int("condition_dim", condition_dim, 0)
+        self.log_z_net = None
+        if condition_dim > 0:
+            self.log_z_net = nn.Sequential(
+                nn.Linear(condition_dim, log_z_hidden), nn.ReLU(), nn.Linear(log_z_hidden, 1)
+            )
+            with torch.no_grad():
+                self.log_z_net[-1].bias.fill_(float(log_z_init))
+
+    def log_z_of(self, conditions: Tensor | None) -> Tensor:
+        """log Z: the scalar parameter, or log Z(c) for conditions ``(B, C)`` as ``(B,)``."""
+        if self.log_z_net is None or conditions is None:
+            return self.log_z
+        return self.log_z_net(conditions.to(self.log_z.dtype)).squeeze(-1)
 
     def forward(self, features: Tensor) -> PolicyOutput:
         """The policy's output on featurized states: one trunk evaluation."""
         return self.policy(features)
 
     def parameter_groups(self, log_z_lr: float | None = None) -> list[dict[str, Any]]:
-        """Optimizer param groups: the policy's parameters, then ``[log_z]`` on its own.
+        """Optimizer param groups: the policy's parameters, then ``[log_z]`` (log Z(c)'s
+        network for a conditional GFlowNet) on its own.
 
         log Z usually wants a much larger learning rate than the network; pass it as
         `log_z_lr`, or leave it None to inherit the optimizer's default. Each group carries a
         ``"name"`` (``"policy"``, ``"log_z"``) for logging.
         """
-        log_z_group: dict[str, Any] = {"params": [self.log_z], "name": "log_z"}
+        log_z_params = [self.log_z] if self.log_z_net is None else list(self.log_z_net.parameters())
+        log_z_group: dict[str, Any] = {"params": log_z_params, "name": "log_z"}
         if log_z_lr is not None:
             if not log_z_lr >= 0.0:  # also rejects NaN
                 raise ValueError(f"Invalid log Z learning rate: {log_z_lr}")

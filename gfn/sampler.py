@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from envs.base import Env
+from envs.base import ConditionalEnv, Env
 from envs.rows import row_keys
-from gfn.policies import GFlowNet, masked_log_softmax
+from gfn.policies import GFlowNet, masked_log_softmax, policy_input
 
 __all__ = [
     "Trajectories",
@@ -46,7 +46,9 @@ class Trajectories:
         actions: long ``(T, B)``; the exit action at t = n_b, -1 after it.
         lengths: long ``(B,)``, n_b, the number of non-exit actions.
         terminal_states: ``(B, *state_shape)``, s_{n_b}.
-        log_rewards: float ``(B,)``, log R(s_{n_b}).
+        log_rewards: float ``(B,)``, log R(s_{n_b}) (log R(s_{n_b} | c_b) when conditional).
+        conditions: float ``(B, C)``, each trajectory's condition c_b for a conditional
+            environment (`envs.base.ConditionalEnv`); None otherwise.
     """
 
     states: Tensor
@@ -54,6 +56,7 @@ class Trajectories:
     lengths: Tensor
     terminal_states: Tensor
     log_rewards: Tensor
+    conditions: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -79,6 +82,7 @@ class Trajectories:
             self.lengths.to(device),
             self.terminal_states.to(device),
             self.log_rewards.to(device),
+            None if self.conditions is None else self.conditions.to(device),
         )
 
     @staticmethod
@@ -87,6 +91,9 @@ class Trajectories:
         longest T."""
         if len(batches) == 0:
             raise ValueError("Trajectories.concatenate needs at least one batch; got none")
+        conditional = [batch.conditions is not None for batch in batches]
+        if any(conditional) and not all(conditional):
+            raise ValueError("Trajectories.concatenate cannot mix conditional and plain batches")
         t_max = max(batch.max_length for batch in batches)
         states, actions = [], []
         for batch in batches:
@@ -102,6 +109,7 @@ class Trajectories:
             lengths=torch.cat([batch.lengths for batch in batches]),
             terminal_states=torch.cat([batch.terminal_states for batch in batches]),
             log_rewards=torch.cat([batch.log_rewards for batch in batches]),
+            conditions=torch.cat([b.conditions for b in batches]) if all(conditional) else None,
         )
 
 
@@ -164,8 +172,13 @@ def sample_trajectories(
     generator: torch.Generator,
     epsilon: float = 0.0,
     temperature: float = 1.0,
+    conditions: Tensor | None = None,
 ) -> Trajectories:
     """Sample `n` trajectories from s0 with P_F, vectorized over the batch.
+
+    On a conditional environment (`envs.base.ConditionalEnv`) each trajectory has a condition
+    c: `conditions` ``(n, C)`` if given, else ``env.sample_conditions(n, generator)``; the
+    policy sees it at every step and the reward is log R(x | c).
 
     Exploration changes only which actions are drawn: with probability `epsilon` an action is
     uniform over the legal ones, otherwise it is drawn from softmax(logits / `temperature`).
@@ -183,6 +196,8 @@ def sample_trajectories(
         raise ValueError(f"Invalid number of trajectories: {n}; it must be at least 1")
     _check_exploration(epsilon, temperature)
     stop = env.stop_action
+    if isinstance(env, ConditionalEnv) and conditions is None:
+        conditions = env.sample_conditions(n, generator)  # (n, C)
     # inference_mode, not just no_grad: it also skips autograd's bookkeeping on every op,
     # which is most of the cost of the small per-step ops. The results are cloned out of it.
     with torch.inference_mode():
@@ -193,8 +208,10 @@ def sample_trajectories(
         actions = torch.full((env.max_steps + 1, n), PAD_ACTION, dtype=torch.long, device=device)
         states[0] = current
         running = torch.arange(n, device=device)  # (n_running,) trajectory indices
+        running_conditions = conditions  # (n_running, C) or None
         for t in range(env.max_steps + 1):
-            logits = gflownet(env.featurize(current)).pf_logits  # (n_running, A)
+            features = policy_input(env.featurize(current), running_conditions)
+            logits = gflownet(features).pf_logits  # (n_running, A)
             probs = _exploration_probs(logits, env.forward_mask(current), epsilon, temperature)
             chosen = _draw(probs, generator)  # (n_running,)
             actions[t, running] = chosen
@@ -203,6 +220,8 @@ def sample_trajectories(
             if moving.numel() == 0:
                 break
             running = running[moving]
+            if running_conditions is not None:
+                running_conditions = running_conditions[moving]
             current = env.step(current[moving], chosen[moving])
             states[t + 1, running] = current
         else:
@@ -219,7 +238,10 @@ def sample_trajectories(
         visited = torch.arange(n_steps + 1, device=device).unsqueeze(1) <= lengths  # (T+1, n)
         visited = visited.view(*visited.shape, *([1] * len(env.state_shape)))
         states = torch.where(visited, states[: n_steps + 1], terminal_states)  # (T + 1, n, *S)
-        log_rewards = env.log_reward(terminal_states)  # (n,)
+        if conditions is None:
+            log_rewards = env.log_reward(terminal_states)  # (n,)
+        else:
+            log_rewards = env.conditional_log_reward(terminal_states, conditions)  # (n,)
     # Clones are ordinary tensors: usable in autograd and in-place outside inference mode.
     return Trajectories(
         states.clone(),
@@ -227,6 +249,7 @@ def sample_trajectories(
         lengths.clone(),
         terminal_states.clone(),
         log_rewards.clone(),
+        None if conditions is None else conditions.clone(),
     )
 
 
@@ -273,11 +296,15 @@ def trajectory_log_probs(
     visited = trajectories.state_mask()  # (T, B)
     flat_states = trajectories.states[:n_steps][visited]  # (N, *S)
     flat_actions = actions[visited]  # (N,)
+    conditions = trajectories.conditions
+    if conditions is not None:  # a state's output depends on its row's condition
+        conditions = conditions.unsqueeze(0).expand(n_steps, *conditions.shape)[visited]  # (N, C)
+        unique_states = False
     if unique_states:
         states, inverse = _unique_states(flat_states)  # (U, *S), (N,)
     else:
         states, inverse = flat_states, torch.arange(len(flat_states), device=actions.device)
-    out = gflownet(env.featurize(states))
+    out = gflownet(policy_input(env.featurize(states), conditions))
 
     log_pf_all = masked_log_softmax(out.pf_logits, env.forward_mask(states))  # (U, A)
     flat_log_pf = log_pf_all[inverse, flat_actions]  # (N,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +14,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from envs.base import Env
+from envs.base import ConditionalEnv, Env
 from envs.checker import check_env
 from gfn.config import MODELS
 from gfn.estimators import terminal_log_probs
 from gfn.evaluation import (
+    count_modes,
     exact_metrics,
     exact_terminal_distribution,
+    jensen_shannon_divergence,
+    l1_distance,
     state_dag,
     terminal_index,
     true_terminal_distribution,
 )
 from gfn.losses import GFlowNetLoss, get_loss, loss_from_config
-from gfn.policies import GFlowNet, MLPPolicy, masked_log_softmax
+from gfn.policies import GFlowNet, MLPPolicy, masked_log_softmax, policy_input
 from gfn.replay import ReplayBuffer
 from gfn.sampler import Trajectories, sample_trajectories
 from gfn.state_dag import has_modes, implements, is_enumerable
@@ -69,7 +73,7 @@ def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn
                 "use model=gnn for graph environments"
             )
         return MLPPolicy(
-            features.shape[-1],
+            features.shape[-1] + condition_dim(env),
             env.n_actions,
             hidden=cfg.model.hidden,
             n_layers=cfg.model.n_layers,
@@ -78,10 +82,37 @@ def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn
             activation=cfg.model.activation,
         )
     if cfg.model.name == "gnn":
+        if condition_dim(env):
+            raise ConfigError(
+                f"model=gnn takes no condition; {type(env).__name__} is conditional: use model=mlp"
+            )
         from gfn.gnn import build_gnn_policy  # torch-geometric is imported only when needed
 
         return build_gnn_policy(cfg.model, env, flow_head=flow_head)
     raise ConfigError(f"Unknown model.name: {cfg.model.name!r}; valid: {', '.join(MODELS)}")
+
+
+def condition_dim(env: Env) -> int:
+    """C, the length of `env`'s condition vector; 0 for an unconditional environment."""
+    return env.condition_dim if isinstance(env, ConditionalEnv) else 0
+
+
+def check_conditional(env: Env, loss: GFlowNetLoss, replay: object) -> None:
+    """What a conditional environment rules out, refused by name: a loss scored from edge
+    flows or exit probabilities (fm, mdb), and the replay buffer (it keeps no conditions)."""
+    if not condition_dim(env):
+        return
+    name = type(env).__name__
+    if not {"edge_flows", "exit_scores"}.isdisjoint(loss.needs):
+        raise ConfigError(
+            f"loss={loss.name} is not available on the conditional environment {name}; "
+            "valid: tb, db, subtb, zvar"
+        )
+    if replay is not None:
+        raise ConfigError(
+            f"task.replay is not available on the conditional environment {name}: set "
+            "task.replay.capacity=0 and task.replay.fraction=0"
+        )
 
 
 class GFlowNetTask(Task):
@@ -141,6 +172,9 @@ class GFlowNetTask(Task):
         if isinstance(loss, str):
             loss = get_loss(loss, **dict(loss_options or {}))
         self.loss_fn = loss
+        check_conditional(env, loss, replay if replay_fraction > 0 else None)
+        self.conditional = condition_dim(env) > 0
+        self.summary_keys = self._summary_keys()
         self.batch_size = batch_size  # global: split over the ranks of a distributed run
         self.local_batch_size = distributed.per_rank(batch_size, "task.batch_size")
         self.epsilon, self.temperature = epsilon, temperature
@@ -171,6 +205,21 @@ class GFlowNetTask(Task):
             n_terminals = state_dag(self.env).terminals.shape[0]
             self.visited = torch.zeros(n_terminals, dtype=torch.bool, device=self.env.s0.device)
 
+    def _summary_keys(self) -> tuple[str, ...]:
+        """The `done:` line's keys for this environment: the class's, with the worst and each
+        held-out condition's L1 and log Z error for a conditional one, and the environment's
+        own (`Env.summary_keys`, e.g. the edge-marginal error of structure learning)."""
+        keys = list(type(self).summary_keys)
+        if self.conditional:
+            labels = [self.env.condition_label(c) for c in self.env.eval_conditions()]
+            at = keys.index("l1") + 1
+            keys[at:at] = ["l1_max", *(f"l1@{label}" for label in labels)]
+            at = keys.index("log_z_error") + 1
+            keys[at:at] = [f"log_z_error@{label}" for label in labels]
+        at = keys.index("jsd") + 1
+        keys[at:at] = getattr(self.env, "summary_keys", ())
+        return tuple(keys)
+
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> GFlowNetTask:
         """The task of a composed config: `env`, `model`, `loss`, `task` (gfn) and `seed`; the
@@ -183,7 +232,9 @@ class GFlowNetTask(Task):
             check_env(env, seed=cfg.seed)
         loss = loss_from_config(cfg.loss)
         policy = build_policy(cfg, env, flow_head=loss.flow_head)
-        model = GFlowNet(policy, log_z_init=tc.log_z_init).to(device)
+        model = GFlowNet(policy, log_z_init=tc.log_z_init, condition_dim=condition_dim(env)).to(
+            device
+        )
         if cfg.get("compile", False):
             model.policy.compile(dynamic=True)  # in place: the state dict keeps its keys
         replay = None
@@ -231,8 +282,12 @@ class GFlowNetTask(Task):
                 batch = Trajectories.concatenate([batch, old])
         # The one gradient-carrying forward pass goes through `model` (DDP in a distributed
         # run); log Z enters the loss outside it, and DDP averages its gradient too.
-        loss = self.loss_fn(self.loss_fn.score(model, self.env, batch), batch, self.model.log_z)
-        return loss, self.loss_fn.scalars(self.model)
+        log_z = self.model.log_z_of(batch.conditions)  # scalar, or (B,) log Z(c)
+        loss = self.loss_fn(self.loss_fn.score(model, self.env, batch), batch, log_z)
+        scalars = self.loss_fn.scalars(self.model)
+        if self.conditional and "train/log_z" in scalars:
+            scalars["train/log_z"] = log_z.detach().mean()  # the batch's mean log Z(c)
+        return loss, scalars
 
     def probe_loss(self, step: int) -> Tensor:
         """The loss of a fresh on-policy batch for the sharpness probe, with no side effects: its
@@ -243,7 +298,7 @@ class GFlowNetTask(Task):
             self.model, self.env, self.local_batch_size, generator, self.epsilon, self.temperature
         )
         scores = self.loss_fn.score(self.model, self.env, batch)
-        return self.loss_fn(scores, batch, self.model.log_z)
+        return self.loss_fn(scores, batch, self.model.log_z_of(batch.conditions))
 
     def gather_from_ranks(self) -> None:
         """The terminal states and targets any rank has drawn (two all-reduces)."""
@@ -253,9 +308,19 @@ class GFlowNetTask(Task):
             self.found_targets = distributed.any_over_ranks(self.found_targets)
 
     @torch.no_grad()
-    def _log_pf(self, states: Tensor) -> Tensor:
-        logits = self.model(self.env.featurize(states)).pf_logits
+    def _log_pf(self, states: Tensor, condition: Tensor | None = None) -> Tensor:
+        """Masked log P_F of `states`, under one `condition` ``(C,)`` if conditional."""
+        conditions = None if condition is None else condition.expand(states.shape[0], -1)
+        logits = self.model(policy_input(self.env.featurize(states), conditions)).pf_logits
         return masked_log_softmax(logits, self.env.forward_mask(states))
+
+    def _conditional_target(self, condition: Tensor) -> tuple[Tensor, Tensor]:
+        """p*(x | c) over the terminals, float64, and log Z*(c), at one condition ``(C,)``."""
+        terminals = state_dag(self.env).terminals
+        conditions = condition.expand(terminals.shape[0], -1)
+        log_r = self.env.conditional_log_reward(terminals, conditions).double()
+        log_z_star = torch.logsumexp(log_r, dim=0)
+        return (log_r - log_z_star).exp(), log_z_star
 
     def log_z(self) -> Tensor | None:
         """The model's estimate of log Z under its loss (`GFlowNetLoss.estimate_log_z`): the
@@ -267,6 +332,8 @@ class GFlowNetTask(Task):
         if self.run_dir is not None and not self._data_written and distributed.is_main_process():
             write_data_files(self.env, self.run_dir)
             self._data_written = True
+        if self.conditional:
+            return self._conditional_metrics()
         log_z = self.log_z()
         metrics = {} if log_z is None else {"log_z": float(log_z)}
         if self.found_targets is not None:
@@ -281,14 +348,68 @@ class GFlowNetTask(Task):
             metrics |= exact_metrics(self.env, self._log_pf, log_z, visited)
         return metrics
 
+    @torch.no_grad()
+    def _conditional_metrics(self) -> dict[str, float]:
+        """Exact metrics at each of the environment's held-out conditions c: ``l1@<c>``,
+        ``jsd@<c>`` and ``log_z_error@<c>`` (log Z(c): the learned one for tb, log F(s0 | c)
+        for flow losses), and their means over the conditions as ``l1``, ``tv``, ``jsd`` and
+        ``log_z_error`` (``l1_max``: the worst condition's)."""
+        env = self.env
+        terminals = state_dag(env).terminals
+        per_condition: dict[str, list[float]] = {"l1": [], "jsd": [], "log_z_error": []}
+        metrics: dict[str, float] = {}
+        for condition in env.eval_conditions():
+            label = env.condition_label(condition)
+            _, p = exact_terminal_distribution(env, partial(self._log_pf, condition=condition))
+            p_star, log_z_star = self._conditional_target(condition)
+            values = {
+                "l1": float(l1_distance(p, p_star)),
+                "jsd": float(jensen_shannon_divergence(p, p_star)),
+            }
+            log_z = self._conditional_log_z(condition)
+            if log_z is not None:
+                values["log_z_error"] = abs(float(log_z) - float(log_z_star))
+            for key, value in values.items():
+                metrics[f"{key}@{label}"] = value
+                per_condition[key].append(value)
+        for key, values in per_condition.items():
+            if values:
+                metrics[key] = sum(values) / len(values)
+        metrics["tv"] = metrics["l1"] / 2
+        metrics["l1_max"] = max(per_condition["l1"])
+        if self.found_targets is not None:
+            metrics["modes_found"] = float(self.found_targets.sum())
+        if has_modes(env):  # drawn under any condition
+            found = count_modes(env, terminals[self.visited])
+            metrics["modes_found"], metrics["mode_regions_found"] = map(float, found)
+        return metrics
+
+    def _conditional_log_z(self, condition: Tensor) -> Tensor | None:
+        """The model's log Z at one condition ``(C,)`` under its loss, or None (zvar)."""
+        if "log_z" in self.loss_fn.needs:
+            return self.model.log_z_of(condition.unsqueeze(0))[0]
+        if "log_flows" in self.loss_fn.needs:
+            s0 = self.env.initial_states(1)
+            features = policy_input(self.env.featurize(s0), condition.unsqueeze(0))
+            return self.model(features).log_flow[0]
+        return None
+
     def _log_p_terminal(self, x: Tensor) -> Tensor:
         """log P_T(x) of terminal states, estimated through P_B (exact on tree-shaped DAGs)."""
         return terminal_log_probs(self.model, self.env, x, generator=self.eval_generator)
 
     def images(self, step: int) -> dict[str, np.ndarray]:
-        """For 2-D grids: the learned terminal distribution beside the target one."""
+        """For 2-D grids: the learned terminal distribution beside the target one (one row
+        per held-out condition for a conditional environment)."""
         if not (self.enumerable and self.env.state_shape == (2,)):
             return {}
+        if self.conditional:
+            rows = []
+            for condition in self.env.eval_conditions():
+                log_pf = partial(self._log_pf, condition=condition)
+                terminals, p = exact_terminal_distribution(self.env, log_pf)
+                rows.append(side_by_side(terminals, p, self._conditional_target(condition)[0]))
+            return {"distribution": np.concatenate(rows, axis=0)}
         terminals, p = exact_terminal_distribution(self.env, self._log_pf)
         p_star, _ = true_terminal_distribution(self.env)
         return {"distribution": side_by_side(terminals, p, p_star)}
