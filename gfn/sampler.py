@@ -173,8 +173,12 @@ def sample_trajectories(
     epsilon: float = 0.0,
     temperature: float = 1.0,
     conditions: Tensor | None = None,
+    start_states: Tensor | None = None,
 ) -> Trajectories:
     """Sample `n` trajectories from s0 with P_F, vectorized over the batch.
+
+    With `start_states` ``(n, *state_shape)`` the trajectories start there instead (local
+    search rebuilds the end of a trajectory this way); ``states[0]`` is then the start state.
 
     On a conditional environment (`envs.base.ConditionalEnv`) each trajectory has a condition
     c: `conditions` ``(n, C)`` if given, else ``env.sample_conditions(n, generator)``; the
@@ -201,7 +205,8 @@ def sample_trajectories(
     # inference_mode, not just no_grad: it also skips autograd's bookkeeping on every op,
     # which is most of the cost of the small per-step ops. The results are cloned out of it.
     with torch.inference_mode():
-        current = env.initial_states(n)  # (n, *S), the running trajectories' states
+        # (n, *S): the running trajectories' states
+        current = env.initial_states(n) if start_states is None else start_states
         device = current.device
         # One allocation each: at most max_steps + 1 actions and max_steps + 2 states.
         states = current.new_empty((env.max_steps + 2, *current.shape))  # (T_max + 1, n, *S)

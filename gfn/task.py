@@ -28,6 +28,7 @@ from gfn.evaluation import (
     terminal_index,
     true_terminal_distribution,
 )
+from gfn.local_search import LocalSearch, refine
 from gfn.losses import GFlowNetLoss, get_loss, loss_from_config
 from gfn.policies import GFlowNet, MLPPolicy, masked_log_softmax, policy_input
 from gfn.replay import ReplayBuffer
@@ -139,6 +140,11 @@ class GFlowNetTask(Task):
         replay_fraction: share of each batch drawn from `replay`, in (0, 1).
         seed: seeds the training stream (`generator`; rank r of a distributed run draws from
             `distributed.rank_seed(seed, r)`) and, with seed + 1, the evaluation's.
+        local_search: LS-GFN (`gfn.local_search.LocalSearch`): each on-policy batch is refined
+            `refinements` times (backtrack K steps with P_B, rebuild with P_F, accept by MH or
+            greedily) and the step trains on the batch and its refined trajectories; every
+            proposal counts as a sampled trajectory (`items_per_step`) and marks the terminal
+            states it reached as visited. None or 0 refinements: off.
     """
 
     per_rank_state = ("visited", "found_targets", "replay")  # the weights are shared
@@ -166,6 +172,7 @@ class GFlowNetTask(Task):
         replay: ReplayBuffer | None = None,
         replay_fraction: float = 0.0,
         seed: int = 0,
+        local_search: LocalSearch | None = None,
     ) -> None:
         self.env = env
         self.model = model
@@ -193,7 +200,12 @@ class GFlowNetTask(Task):
             check_probability("task.replay.fraction", replay_fraction, high_open=True)
             self.replay = replay
             self.n_replay = round(self.local_batch_size * replay_fraction)
-        self.items_per_step = self.batch_size
+        self.local_search = None
+        if local_search is not None and local_search.refinements > 0:
+            self.local_search = local_search.check(env)
+        # Trajectories drawn per step: the batch, and each refinement round's proposals.
+        n_rounds = 0 if self.local_search is None else self.local_search.refinements
+        self.items_per_step = self.batch_size * (1 + n_rounds)
         # Where evaluation writes the env's data files (`Env.data_files`) on its first call;
         # None: nowhere. Set by `from_config` to the run directory.
         self.run_dir: Path | None = None
@@ -247,6 +259,7 @@ class GFlowNetTask(Task):
             log_z_beta3=tc.get("log_z_beta3"),
             epsilon=tc.epsilon, temperature=tc.temperature, eval_samples=tc.eval_samples,
             replay=replay, replay_fraction=tc.replay.fraction, seed=cfg.seed,
+            local_search=LocalSearch(**tc.local_search),
         )  # fmt: skip
         task.run_dir = None if run_dir is None else Path(run_dir)
         return task
@@ -270,11 +283,16 @@ class GFlowNetTask(Task):
             self.model, self.env, self.local_batch_size - n_old, self.generator,
             self.epsilon, self.temperature,
         )  # fmt: skip
-        if self.enumerable:  # which terminal states the run has drawn, without a host sync
-            self.visited[terminal_index(self.env, batch.terminal_states)] = True
-        if implements(self.env, "mode_hits"):
-            hits = self.env.mode_hits(batch.terminal_states).any(dim=0)  # (n_targets,)
-            self.found_targets = hits if self.found_targets is None else self.found_targets | hits
+        drawn = [batch]
+        acceptance = None
+        if self.local_search is not None:
+            refined, proposals, acceptance = refine(
+                self.model, self.env, batch, self.generator, self.local_search
+            )
+            drawn += proposals
+            batch = Trajectories.concatenate([batch, refined])
+        for trajectories in drawn:
+            self._mark_drawn(trajectories.terminal_states)
         if self.replay is not None:
             old = self.replay.sample(n_old, self.generator) if n_old else None
             self.replay.add(batch)
@@ -285,9 +303,20 @@ class GFlowNetTask(Task):
         log_z = self.model.log_z_of(batch.conditions)  # scalar, or (B,) log Z(c)
         loss = self.loss_fn(self.loss_fn.score(model, self.env, batch), batch, log_z)
         scalars = self.loss_fn.scalars(self.model)
+        if acceptance is not None:
+            scalars["train/ls_acceptance"] = acceptance
         if self.conditional and "train/log_z" in scalars:
             scalars["train/log_z"] = log_z.detach().mean()  # the batch's mean log Z(c)
         return loss, scalars
+
+    def _mark_drawn(self, terminal_states: Tensor) -> None:
+        """Record terminal states the run has drawn (visited states, targets hit), without a
+        host sync."""
+        if self.enumerable:
+            self.visited[terminal_index(self.env, terminal_states)] = True
+        if implements(self.env, "mode_hits"):
+            hits = self.env.mode_hits(terminal_states).any(dim=0)  # (n_targets,)
+            self.found_targets = hits if self.found_targets is None else self.found_targets | hits
 
     def probe_loss(self, step: int) -> Tensor:
         """The loss of a fresh on-policy batch for the sharpness probe, with no side effects: its

@@ -166,7 +166,7 @@ def test_what_a_condition_rules_out_is_refused_by_name():
 @pytest.mark.slow
 def test_the_preset_learns_every_held_out_condition(tmp_path):
     done = subprocess.run(
-        [sys.executable, "train.py", "env=hypergrid_conditional", "train.steps=1500",
+        [sys.executable, "train.py", "env=conditional_hypergrid", "train.steps=1500",
          f"hydra.run.dir={tmp_path}", "logging.progress=false"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
