@@ -25,7 +25,19 @@ __all__ = ["MODELS", "GFlowNetTaskConfig", "ReplayConfig", "run_name", "validate
 MODELS = ("mlp", "gnn")
 # The environment keys a run's name shows, where its env has them: the size of the task (and
 # for Ising its coupling and temperature), not every reward constant.
-NAMED_ENV_KEYS = ("ndim", "height", "n", "k", "max_nodes", "n_nodes", "L", "J", "beta", "delta")
+NAMED_ENV_KEYS = (
+    "ndim",
+    "height",
+    "n",
+    "k",
+    "max_nodes",
+    "n_nodes",
+    "L",
+    "J",
+    "beta",
+    "delta",
+    "n_steps",
+)
 
 
 @dataclass

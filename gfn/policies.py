@@ -120,6 +120,9 @@ class MLPPolicy(nn.Module):
             over the legal backward actions; no head). Default ``"learned"``.
         flow_head: add a log F(s) head, needed by detailed and sub-trajectory balance
             (default False).
+        n_backward_outputs: width of the backward head (default ``n_actions - 1``, one logit
+            per backward action); a continuous environment's policy sets both widths to its
+            distributions' parameter counts.
         activation: one of ``relu`` (default), ``leaky_relu``, ``elu``, ``gelu``, ``silu``,
             ``tanh``.
     """
@@ -133,13 +136,18 @@ class MLPPolicy(nn.Module):
         backward: str = "learned",
         flow_head: bool = False,
         activation: str = "relu",
+        n_backward_outputs: int | None = None,
     ) -> None:
         super().__init__()
         check_int("n_features", n_features, 1)
         check_int("n_actions", n_actions, 2)  # one move and exit
+        if n_backward_outputs is None:
+            n_backward_outputs = n_actions - 1
+        check_int("n_backward_outputs", n_backward_outputs, 0)
         check_policy_arguments(hidden, n_layers, backward, activation)
-        learned_pb = has_learned_backward(backward)
+        learned_pb = has_learned_backward(backward) and n_backward_outputs > 0
         self.n_actions = n_actions
+        self.n_backward_outputs = n_backward_outputs
         self.backward = backward
         self.learned_pb = learned_pb
         self.flow_head = flow_head
@@ -148,7 +156,7 @@ class MLPPolicy(nn.Module):
 
         widths = [n_features] + [hidden] * n_layers
         self.trunk = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in pairwise(widths))
-        n_out = n_actions + (n_actions - 1 if learned_pb else 0) + (1 if flow_head else 0)
+        n_out = n_actions + (n_backward_outputs if learned_pb else 0) + (1 if flow_head else 0)
         self.heads = nn.Linear(hidden, n_out)
 
     def forward(self, features: Tensor) -> PolicyOutput:
@@ -159,7 +167,7 @@ class MLPPolicy(nn.Module):
         out = F.linear(hidden, self.heads.weight, self.heads.bias)  # (B, n_out)
         a = self.n_actions
         pf_logits = out[:, :a]  # (B, A)
-        pb_logits = out[:, a : 2 * a - 1] if self.learned_pb else None  # (B, A - 1)
+        pb_logits = out[:, a : a + self.n_backward_outputs] if self.learned_pb else None
         log_flow = out[:, -1] if self.flow_head else None  # (B,)
         return PolicyOutput(pf_logits, pb_logits, log_flow)
 

@@ -16,7 +16,15 @@ from torch import Tensor
 
 from envs.base import ConditionalEnv, Env
 from envs.checker import check_env
+from envs.continuous import ContinuousEnv
 from gfn.config import MODELS
+from gfn.continuous import (
+    EVAL_CHUNK,
+    continuous_log_probs,
+    heatmap,
+    histogram_metrics,
+    sample_continuous,
+)
 from gfn.estimators import terminal_log_probs
 from gfn.evaluation import (
     count_modes,
@@ -57,14 +65,25 @@ def build_env(cfg: DictConfig) -> Env:
     except Exception as err:  # ImportError, AttributeError, ValueError: all say "not found"
         raise ConfigError(f"env._target_={target} cannot be imported: {err}") from err
     env = call_with_config(factory, kwargs, f"env={target.rsplit('.', 1)[-1]}")
-    if not isinstance(env, Env):
-        raise ConfigError(f"env._target_={target} built a {type(env).__name__}, not an Env")
+    if not isinstance(env, (Env, ContinuousEnv)):
+        raise ConfigError(
+            f"env._target_={target} built a {type(env).__name__}, not an Env or a ContinuousEnv"
+        )
     return env
 
 
 def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn.Module:
     """The policy network of `cfg.model` for `env` (input width read from `featurize`), with
     a flow head log F(s) when the loss needs one."""
+    if cfg.model.name == "mlp" and isinstance(env, ContinuousEnv):
+        # Heads: the forward and backward distributions' raw parameters (none backward for a
+        # fixed P_B), and log F.
+        n_features = env.featurize(env.initial_states(1)).shape[-1]
+        return MLPPolicy(
+            n_features, env.n_forward_params, hidden=cfg.model.hidden,
+            n_layers=cfg.model.n_layers, backward=cfg.model.backward, flow_head=flow_head,
+            activation=cfg.model.activation, n_backward_outputs=env.n_backward_params,
+        )  # fmt: skip
     if cfg.model.name == "mlp":
         features = env.featurize(env.initial_states(1))
         if not isinstance(features, Tensor):
@@ -83,6 +102,8 @@ def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn
             activation=cfg.model.activation,
         )
     if cfg.model.name == "gnn":
+        if isinstance(env, ContinuousEnv):
+            raise ConfigError(f"model=gnn needs graph states; {type(env).__name__} is continuous")
         if condition_dim(env):
             raise ConfigError(
                 f"model=gnn takes no condition; {type(env).__name__} is conditional: use model=mlp"
@@ -240,6 +261,8 @@ class GFlowNetTask(Task):
         tc = cfg.task
         device = resolve_device(cfg.get("device", "auto"))
         env = build_env(cfg).to(device)
+        if isinstance(env, ContinuousEnv):
+            cls = ContinuousGFlowNetTask
         if tc.check_env:  # a few random rollouts: tells an env author what is wrong, in words
             check_env(env, seed=cfg.seed)
         loss = loss_from_config(cfg.loss)
@@ -476,6 +499,97 @@ class GFlowNetTask(Task):
         """The training stream (batches, replay draws) and the evaluation's, which carries
         across evaluations."""
         return {"batches": self.generator, "eval": self.eval_generator}
+
+
+class ContinuousGFlowNetTask(GFlowNetTask):
+    """The GFlowNet task on a continuous environment: on-policy batches, tb/db/subtb/zvar on
+    log-densities, histogram evaluation of `eval_samples` terminal samples (written to the run
+    directory as samples.npy), and a heatmap of the learned density beside the target's."""
+
+    summary_keys = (
+        "jsd", "jsd_floor", "l1", "l1_floor", "jsd_kde", "log_z_error", "loss",
+        "trajectories_per_sec",
+    )  # fmt: skip
+    progress_keys = ("jsd",)
+    objective_key = "jsd"
+
+    def __init__(self, env: ContinuousEnv, model: GFlowNet, loss: GFlowNetLoss, **kwargs: Any):
+        if not {"edge_flows", "exit_scores"}.isdisjoint(loss.needs):
+            raise ConfigError(
+                f"loss={loss.name} is not available on the continuous environment "
+                f"{type(env).__name__}; valid: tb, db, subtb, zvar"
+            )
+        for key, off in (("replay", None), ("local_search", None)):
+            if kwargs.get(key) is not off and getattr(kwargs.get(key), "refinements", 1):
+                raise ConfigError(
+                    f"task.{key} is not available on the continuous environment "
+                    f"{type(env).__name__}"
+                )
+        if kwargs.get("epsilon", 0.0) or kwargs.get("temperature", 1.0) != 1.0:
+            raise ConfigError(
+                "task.epsilon and task.temperature apply to discrete actions; a continuous "
+                f"environment ({type(env).__name__}) takes task.epsilon=0 and task.temperature=1"
+            )
+        super().__init__(env, model, loss, **kwargs)
+        self.last_samples: Tensor | None = None
+
+    def loss(self, step: int, model: torch.nn.Module | None = None):
+        model = self.train_module() if model is None else model
+        batch = sample_continuous(self.model, self.env, self.local_batch_size, self.generator)
+        scores = continuous_log_probs(model, self.env, batch)
+        loss = self.loss_fn(scores, batch, self.model.log_z)
+        return loss, self.loss_fn.scalars(self.model)
+
+    def probe_loss(self, step: int) -> Tensor:
+        generator = torch.Generator(device=self.env.s0.device).manual_seed(self.seed + 7919 * step)
+        batch = sample_continuous(self.model, self.env, self.local_batch_size, generator)
+        return self.loss_fn(continuous_log_probs(self.model, self.env, batch), batch,
+                            self.model.log_z)  # fmt: skip
+
+    def gather_from_ranks(self) -> None:
+        pass
+
+    def log_z(self) -> Tensor | None:
+        if "log_z" in self.loss_fn.needs:
+            return self.model.log_z.detach()
+        if "log_flows" in self.loss_fn.needs:
+            s0 = self.env.initial_states(1)
+            return self.model(self.env.featurize(s0)).log_flow[0]
+        return None
+
+    @torch.no_grad()
+    def sample_terminals(self, n: int) -> Tensor:
+        """`n` terminal states from the policy, in chunks, from the evaluation stream."""
+        chunks = [
+            sample_continuous(self.model, self.env, min(EVAL_CHUNK, n - start),
+                              self.eval_generator).terminal_states
+            for start in range(0, n, EVAL_CHUNK)
+        ]  # fmt: skip
+        return torch.cat(chunks)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        samples = self.sample_terminals(self.eval_samples)
+        self.last_samples = samples
+        metrics = histogram_metrics(self.env, samples, self.eval_generator)
+        log_z = self.log_z()
+        if log_z is not None:
+            metrics["log_z"] = float(log_z)
+            if self.env.true_log_z is not None:
+                metrics["log_z_error"] = abs(float(log_z) - self.env.true_log_z)
+        if self.run_dir is not None and distributed.is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            np.save(self.run_dir / "samples.npy", samples.cpu().numpy())
+        return metrics
+
+    def images(self, step: int) -> dict[str, np.ndarray]:
+        if self.last_samples is None:
+            return {}
+        image = heatmap(self.env, self.last_samples)
+        return {} if image is None else {"density": image}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "visited": None, "found_targets": None,
+                "replay": None}  # fmt: skip
 
 
 def write_data_files(env: Env, run_dir: Path) -> None:

@@ -33,8 +33,10 @@ from envs.checker.checks import (
     check_s0_has_no_parent,
     check_step,
 )
+from envs.checker.continuous import check_continuous_env
 from envs.checker.messages import PROBE_SIZE, EnvCheckError
 from envs.checker.rollouts import Rollouts, random_rollouts
+from envs.continuous import ContinuousEnv
 from kinetic.validate import check_int
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "check_attributes",
     "check_backward_step",
     "check_backward_walks",
+    "check_continuous_env",
     "check_devices",
     "check_enumerate_terminals",
     "check_env",
@@ -63,10 +66,11 @@ __all__ = [
 
 
 @torch.no_grad()
-def check_env(env: Env, n_trajectories: int = 64, seed: int = 0) -> None:
+def check_env(env: Env | ContinuousEnv, n_trajectories: int = 64, seed: int = 0) -> None:
     """Check `env` against the `Env` contract; raise one `EnvCheckError` listing every problem.
 
-    Checks the attributes, then the outputs of `initial_states`, the masks and `step` on
+    A `ContinuousEnv` is checked by `check_continuous_env`. Checks the attributes, then the
+    outputs of `initial_states`, the masks and `step` on
     `PROBE_SIZE` copies of s0, then runs `n_trajectories` seeded random rollouts
     (`random_rollouts`) and checks on them: legal actions, `max_steps`, that no method writes
     into its input, that `backward_step` and `backward_mask` undo `step`, backward walks to
@@ -80,6 +84,9 @@ def check_env(env: Env, n_trajectories: int = 64, seed: int = 0) -> None:
     """
     check_int("n_trajectories", n_trajectories, 1)
     name = type(env).__name__
+    if isinstance(env, ContinuousEnv):
+        check_continuous_env(env, n_trajectories, seed)
+        return
     if not isinstance(env, Env):
         raise EnvCheckError(name, [
             f"{name} is not a subclass of envs.base.Env; expected class {name}(Env), which "
