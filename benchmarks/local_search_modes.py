@@ -8,9 +8,12 @@ search proposal counts as one trajectory, and records the modes found (distinct 
 for HyperGrid, targets hit for bit sequences) after every `--every` trajectories. Prints, per
 environment, the mean over seeds at each budget point for both arms, their ratio, and the wall
 time. One intra-op thread (`--threads`): batch-16 MLPs run faster on one than on two contending.
+`--axis steps` counts only on-policy trajectories instead, so both arms take the same optimizer
+steps and local search's proposals come on top.
 
     python benchmarks/local_search_modes.py                      # both envs, 3 seeds
     python benchmarks/local_search_modes.py --envs bitseq --seeds 0 1 --budget 20000
+    python benchmarks/local_search_modes.py --axis steps
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ def modes_found(task: GFlowNetTask) -> int:
     return count_modes(task.env, visited)[0]
 
 
-def run_arm(cfg, budget: int, every: int) -> tuple[list[int], float]:
-    """Train until `budget` trajectories; the modes found at each multiple of `every`."""
+def run_arm(cfg, budget: int, every: int, axis: str) -> tuple[list[int], float]:
+    """Train until `budget` trajectories; the modes found at each multiple of `every`. With
+    `axis` "steps", only the on-policy batch counts: both arms take the same optimizer steps
+    and local search draws its proposals on top."""
     torch.manual_seed(cfg.seed)
     task = GFlowNetTask.from_config(cfg)
     optimizer = build_optimizer(cfg.optim, task.param_groups())
@@ -63,7 +68,7 @@ def run_arm(cfg, budget: int, every: int) -> tuple[list[int], float]:
         loss.backward()
         optimizer.step()
         step += 1
-        drawn += task.items_per_step
+        drawn += task.items_per_step if axis == "trajectories" else task.batch_size
         while next_mark <= drawn and next_mark <= budget:
             curve.append(modes_found(task))
             next_mark += every
@@ -80,9 +85,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=None, help="default: a quarter of max_steps")
     parser.add_argument("--acceptance", default="mh", choices=["mh", "greedy"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--axis", default="trajectories", choices=["trajectories", "steps"],
+        help="budget in every sampled trajectory (default), or in on-policy ones (equal steps)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads={args.threads} budget={args.budget} trajectories, seeds={args.seeds}, "
+    print(f"threads={args.threads} budget={args.budget} trajectories ({args.axis} axis), "
+          f"seeds={args.seeds}, "
           f"refinements={args.refinements}, acceptance={args.acceptance}")  # fmt: skip
     for env in args.envs:
         probe = GFlowNetTask.from_config(compose_config(env, 0, 0, 1, "mh")).env
@@ -92,12 +102,13 @@ def main() -> None:
         for seed in args.seeds:
             for arm, refinements in (("plain", 0), ("ls", args.refinements)):
                 cfg = compose_config(env, seed, refinements, k, args.acceptance)
-                curve, seconds = run_arm(cfg, args.budget, args.every)
+                curve, seconds = run_arm(cfg, args.budget, args.every, args.axis)
                 curves[arm].append(curve)
                 times[arm].append(seconds)
         print(f"\nenv={env} (max_steps={probe.max_steps}, K={k}); modes found, mean over "
               f"{len(args.seeds)} seeds [min, max]")  # fmt: skip
-        print("trajectories | plain TB | TB + local search | ratio")
+        unit = "trajectories" if args.axis == "trajectories" else "on-policy"
+        print(f"{unit:>12} | plain TB | TB + local search | ratio")
         for i in range(len(curves["plain"][0])):
             plain = [c[i] for c in curves["plain"]]
             ls = [c[i] for c in curves["ls"]]

@@ -168,6 +168,33 @@ CASES = [
     (["env.heigth=3"], "run", "...Could not override 'env.heigth'."),
     (["+env.heigth=3"], "notes", "...env=HyperGrid: HyperGrid does not accept these keys"),
     (["env._target_=envs.nope.Grid"], "notes", "...env._target_=envs.nope.Grid cannot be imported"),
+    # Continuous, conditional and structure-learning environments; local search.
+    (["env=box", "env.delta=1.5"], "notes", "Invalid env.delta: 1.5; expected a float in (0, 1)"),
+    (["env=box", "env.delta=0"], "notes", "Invalid env.delta: 0; expected a float in (0, 1)"),
+    (
+        ["env=conditional_hypergrid", "env.eval_betas=[0.5,3.0]"], "notes",
+        "Invalid env.eval_betas: 3 lies outside the training range [env.beta_min, env.beta_max] "
+        "= [0.5, 2]",
+    ),
+    (
+        ["env=conditional_hypergrid", "loss=fm"], "notes",
+        "loss=fm is not available on the conditional environment ConditionalHyperGrid; valid: "
+        "tb, db, subtb, zvar",
+    ),
+    (
+        ["task.local_search.refinements=2", "task.local_search.k=15"], "notes",
+        "task.local_search.k=15 is longer than any trajectory of HyperGrid (max_steps=14); "
+        "valid: 1..14",
+    ),
+    (
+        ["task.local_search.acceptance=best"], "run",
+        "Unknown task.local_search.acceptance: 'best'; valid: mh, greedy",
+    ),
+    (
+        ["env=dag", "env.n_nodes=7", "env.exact=true"], "notes",
+        "env.exact=true needs env.n_nodes <= 5, got 7: there are 1,138,779,265 DAGs on 7 nodes; "
+        "set env.exact=false (sampled evaluation)",
+    ),
     # Environments failing check_env.
     (
         ["env._target_=broken_env.BrokenGrid"], "notes",
