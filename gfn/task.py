@@ -519,11 +519,16 @@ class ContinuousGFlowNetTask(GFlowNetTask):
                 f"loss={loss.name} is not available on the continuous environment "
                 f"{type(env).__name__}; valid: tb, db, subtb, zvar"
             )
-        for key, off in (("replay", None), ("local_search", None)):
-            if kwargs.get(key) is not off and getattr(kwargs.get(key), "refinements", 1):
+        search = kwargs.get("local_search")
+        unavailable = {
+            "replay": kwargs.get("replay") is not None and kwargs.get("replay_fraction", 0) > 0,
+            "local_search": search is not None and search.refinements > 0,
+        }
+        for key, asked in unavailable.items():
+            if asked:
                 raise ConfigError(
                     f"task.{key} is not available on the continuous environment "
-                    f"{type(env).__name__}"
+                    f"{type(env).__name__}: it works on discrete actions"
                 )
         if kwargs.get("epsilon", 0.0) or kwargs.get("temperature", 1.0) != 1.0:
             raise ConfigError(

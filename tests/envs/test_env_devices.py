@@ -12,7 +12,11 @@ import torch
 from envs import HyperGrid
 from envs.bitseq import BitSequence
 from envs.checker import EnvCheckError, check_env
+from envs.continuous import Box, Line
+from envs.dag import DAGEnv
 from envs.graphs import GraphBuilding
+from envs.hypergrid import ConditionalHyperGrid
+from gfn.continuous import continuous_log_probs, sample_continuous
 from gfn.evaluation import exact_metrics
 from gfn.policies import GFlowNet, MLPPolicy, masked_log_softmax
 from gfn.sampler import sample_trajectories, trajectory_log_probs
@@ -48,6 +52,8 @@ ENVS = {
     "hypergrid": lambda: HyperGrid(ndim=2, height=4),
     "bitseq": lambda: BitSequence(n=8, k=4, n_targets=2),
     "graphs": lambda: GraphBuilding(max_nodes=3),
+    "dag": lambda: DAGEnv(n_nodes=3),
+    "conditional_hypergrid": lambda: ConditionalHyperGrid(height=4),
 }
 
 
@@ -62,7 +68,9 @@ def test_built_in_envs_run_on_the_device_they_are_moved_to(name, device):
         return  # its policy is the GNN, tested on devices in tests/gfn
     torch.manual_seed(0)
     features = env.featurize(env.initial_states(1)).shape[1]
-    model = GFlowNet(MLPPolicy(features, env.n_actions, hidden=16)).to(device)
+    conditions = getattr(env, "condition_dim", 0)
+    policy = MLPPolicy(features + conditions, env.n_actions, hidden=16)
+    model = GFlowNet(policy, condition_dim=conditions).to(device)
     batch = sample_trajectories(model, env, 8, torch.Generator(device).manual_seed(0))
     log_probs = trajectory_log_probs(model, env, batch)
     for tensor in (batch.states, batch.actions, batch.log_rewards, log_probs.log_pf):
@@ -100,3 +108,18 @@ def test_check_env_names_a_method_that_leaves_the_device():
     )
     with pytest.raises(EnvCheckError, match=f"^{re.escape(message)}$"):
         check_env(_LeavesTheDevice())
+
+
+@pytest.mark.parametrize("make", [Box, Line], ids=["box", "line"])
+def test_continuous_envs_run_on_the_device_they_are_moved_to(make, device):
+    env = make().to(device)
+    check_env(env)
+    torch.manual_seed(0)
+    features = env.featurize(env.initial_states(1)).shape[1]
+    policy = MLPPolicy(features, env.n_forward_params, hidden=16,
+                       n_backward_outputs=env.n_backward_params)  # fmt: skip
+    model = GFlowNet(policy).to(device)
+    batch = sample_continuous(model, env, 8, torch.Generator(device).manual_seed(0))
+    log_probs = continuous_log_probs(model, env, batch)
+    for tensor in (batch.states, batch.actions, batch.log_rewards, log_probs.log_pf):
+        assert tensor.device.type == device.type
