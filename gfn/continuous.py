@@ -61,7 +61,7 @@ def sample_continuous(
             moves, exits = env.forward_sample(current, params, generator)
             actions[t, running] = moves
             moving = (~exits).nonzero().squeeze(1)  # syncs
-            lengths[running[exits]] = t
+            lengths[running] = torch.where(exits, t, lengths[running])  # no sync
             if moving.numel() == 0:
                 break
             if t == env.max_steps:

@@ -395,10 +395,18 @@ class GFlowNetTask(Task):
                 self.model, self.env, self.eval_samples, self.eval_generator
             ).terminal_states
             metrics |= self.env.sampled_metrics(samples, self._log_p_terminal)
+            self._write_samples(samples)
         if self.enumerable:
             visited = state_dag(self.env).terminals[self.visited] if has_modes(self.env) else None
             metrics |= exact_metrics(self.env, self._log_pf, log_z, visited)
         return metrics
+
+    def _write_samples(self, samples: Tensor) -> None:
+        """The terminal samples an evaluation scored, as samples.npy in the run directory
+        (rank 0; replaced at every evaluation), so its figures can be recomputed outside."""
+        if self.run_dir is not None and distributed.is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            np.save(self.run_dir / "samples.npy", samples.cpu().numpy())
 
     @torch.no_grad()
     def _conditional_metrics(self) -> dict[str, float]:
@@ -581,9 +589,7 @@ class ContinuousGFlowNetTask(GFlowNetTask):
             metrics["log_z"] = float(log_z)
             if self.env.true_log_z is not None:
                 metrics["log_z_error"] = abs(float(log_z) - self.env.true_log_z)
-        if self.run_dir is not None and distributed.is_main_process():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            np.save(self.run_dir / "samples.npy", samples.cpu().numpy())
+        self._write_samples(samples)
         return metrics
 
     def images(self, step: int) -> dict[str, np.ndarray]:
