@@ -39,10 +39,17 @@ LOOP = textwrap.dedent(
 )
 
 
+def _default_sigint() -> None:
+    """In the child before Python starts: SIGINT at its default, so Python installs its
+    KeyboardInterrupt handler even when the test runs as a background job (whose shell set
+    SIGINT to "ignore", which the child would inherit and StopRequest would restore)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(checkpoint_seconds: float) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-c", LOOP, str(checkpoint_seconds), interrupt.__file__],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )  # fmt: skip
     assert process.stdout.readline().strip() == "ready"
     return process
