@@ -155,7 +155,8 @@ def test_line_cell_masses_are_the_mixture_integrated_over_each_cell():
     low, high, bins = env.eval_grid[0]
     x = torch.linspace(low, high, bins * 200 + 1, dtype=torch.float64)
     density = 0.5 * (stats.norm(-1, 0.5).pdf(x.numpy()) + stats.norm(3, 1.0).pdf(x.numpy()))
-    cells = [np.trapezoid(density[i * 200 : i * 200 + 201], x.numpy()[i * 200 : i * 200 + 201])
+    density = torch.as_tensor(density)
+    cells = [float(torch.trapezoid(density[i * 200 : i * 200 + 201], x[i * 200 : i * 200 + 201]))
              for i in range(bins)]  # fmt: skip
     assert np.allclose(masses, cells, atol=1e-8)
     assert outside == pytest.approx(1 - sum(cells), abs=1e-8)
