@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from envs.base import Env
+from envs.base import ConditionalEnv, Env
 from gfn.sampler import PAD_ACTION, Trajectories
 from kinetic.validate import check_choice, check_float, check_int
 
@@ -61,6 +61,12 @@ class ReplayBuffer:
             (capacity, *env.state_shape), dtype=env.state_dtype, device=device
         )  # (C, *S)
         self.log_rewards = torch.zeros(capacity, device=device)  # (C,)
+        # A conditional environment's trajectories keep their condition (and their reward
+        # under it): replayed, they are scored under the same condition.
+        n_conditions = env.condition_dim if isinstance(env, ConditionalEnv) else 0
+        self.conditions = (
+            torch.zeros(capacity, n_conditions, device=device) if n_conditions else None
+        )  # (C, condition_dim) or None
         self._next = 0  # the slot the next trajectory goes to
         self._size = 0
 
@@ -85,6 +91,14 @@ class ReplayBuffer:
         self.lengths[slots] = batch.lengths[first:].to(self.lengths.device)
         self.terminal_states[slots] = terminal
         self.log_rewards[slots] = batch.log_rewards[first:].to(self.log_rewards.device)
+        if (self.conditions is None) != (batch.conditions is None):
+            raise ValueError(
+                "A replay buffer stores the conditions of a conditional environment's "
+                "trajectories, and only those: this batch "
+                f"{'lacks' if batch.conditions is None else 'has'} conditions"
+            )
+        if self.conditions is not None:
+            self.conditions[slots] = batch.conditions[first:].to(self.conditions.device)
         self._next = (self._next + n_new) % self.capacity
         self._size = min(self._size + n_new, self.capacity)
 
@@ -124,6 +138,7 @@ class ReplayBuffer:
             lengths=lengths,
             terminal_states=self.terminal_states[index],
             log_rewards=self.log_rewards[index],
+            conditions=None if self.conditions is None else self.conditions[index],
         )
 
     # -- checkpointing -------------------------------------------------------------------------
@@ -138,6 +153,7 @@ class ReplayBuffer:
             "lengths": self.lengths[filled].clone(),
             "terminal_states": self.terminal_states[filled].clone(),
             "log_rewards": self.log_rewards[filled].clone(),
+            "conditions": None if self.conditions is None else self.conditions[filled].clone(),
             "next": self._next,
             "size": self._size,
             "capacity": self.capacity,
@@ -152,7 +168,15 @@ class ReplayBuffer:
                 f"this one {self.capacity} (task.replay.capacity)"
             )
         size = int(state["size"])
-        for name in ("states", "actions", "lengths", "terminal_states", "log_rewards"):
+        names = ["states", "actions", "lengths", "terminal_states", "log_rewards"]
+        if self.conditions is not None or state.get("conditions") is not None:
+            if self.conditions is None or state.get("conditions") is None:
+                raise ValueError(
+                    "The replay buffer in the checkpoint and this one disagree on whether "
+                    "trajectories carry conditions (a conditional environment's do)"
+                )
+            names.append("conditions")
+        for name in names:
             mine, saved = getattr(self, name), state[name]
             if tuple(saved.shape) != (size, *mine.shape[1:]):
                 raise ValueError(
@@ -165,6 +189,8 @@ class ReplayBuffer:
         self.lengths.zero_()
         self.terminal_states.zero_()
         self.log_rewards.zero_()
-        for name in ("states", "actions", "lengths", "terminal_states", "log_rewards"):
+        if self.conditions is not None:
+            self.conditions.zero_()
+        for name in names:
             getattr(self, name)[:size] = state[name].to(getattr(self, name).device)
         self._next, self._size = int(state["next"]), size

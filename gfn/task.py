@@ -119,21 +119,13 @@ def condition_dim(env: Env) -> int:
     return env.condition_dim if isinstance(env, ConditionalEnv) else 0
 
 
-def check_conditional(env: Env, loss: GFlowNetLoss, replay: object) -> None:
+def check_conditional(env: Env, loss: GFlowNetLoss) -> None:
     """What a conditional environment rules out, refused by name: a loss scored from edge
-    flows or exit probabilities (fm, mdb), and the replay buffer (it keeps no conditions)."""
-    if not condition_dim(env):
-        return
-    name = type(env).__name__
-    if not {"edge_flows", "exit_scores"}.isdisjoint(loss.needs):
+    flows or exit probabilities (fm, mdb), which read no condition."""
+    if condition_dim(env) and not {"edge_flows", "exit_scores"}.isdisjoint(loss.needs):
         raise ConfigError(
-            f"loss={loss.name} is not available on the conditional environment {name}; "
-            "valid: tb, db, subtb, zvar"
-        )
-    if replay is not None:
-        raise ConfigError(
-            f"task.replay is not available on the conditional environment {name}: set "
-            "task.replay.capacity=0 and task.replay.fraction=0"
+            f"loss={loss.name} is not available on the conditional environment "
+            f"{type(env).__name__}; valid: tb, db, subtb, zvar"
         )
 
 
@@ -200,7 +192,7 @@ class GFlowNetTask(Task):
         if isinstance(loss, str):
             loss = get_loss(loss, **dict(loss_options or {}))
         self.loss_fn = loss
-        check_conditional(env, loss, replay if replay_fraction > 0 else None)
+        check_conditional(env, loss)
         self.conditional = condition_dim(env) > 0
         self.summary_keys = self._summary_keys()
         self.batch_size = batch_size  # global: split over the ranks of a distributed run

@@ -3,6 +3,7 @@ per-condition exact evaluation matches a hand-written sum over paths."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -16,6 +17,7 @@ import torch
 
 from envs.checker import check_env
 from envs.hypergrid import ConditionalHyperGrid
+from gfn.local_search import LocalSearch
 from gfn.losses import get_loss
 from gfn.policies import GFlowNet, MLPPolicy, masked_log_softmax
 from gfn.replay import ReplayBuffer
@@ -158,9 +160,36 @@ def test_what_a_condition_rules_out_is_refused_by_name():
     env = ConditionalHyperGrid(height=4)
     with pytest.raises(ConfigError, match=r"loss=fm is not available on the conditional"):
         GFlowNetTask(env, _model(env), get_loss("fm"))
-    replay = ReplayBuffer(env, 16)
-    with pytest.raises(ConfigError, match=r"task\.replay is not available on the conditional"):
-        GFlowNetTask(env, _model(env), "tb", replay=replay, replay_fraction=0.5)
+
+
+def test_replayed_and_locally_searched_trajectories_keep_their_condition():
+    """Replayed trajectories come back with the condition they were drawn under, and their
+    reward under it; a checkpointed buffer restores them; local search keeps them too."""
+    env = ConditionalHyperGrid(height=5)
+    model = _model(env)
+    generator = torch.Generator().manual_seed(5)
+    batch = sample_trajectories(model, env, 32, generator)
+    buffer = ReplayBuffer(env, 64)
+    buffer.add(batch)
+    replayed = buffer.sample(32, generator)
+    expected = replayed.conditions[:, 0] * env.log_reward(replayed.terminal_states)
+    assert torch.allclose(replayed.log_rewards, expected)
+    drawn = {tuple(c.tolist()) for c in batch.conditions}
+    assert {tuple(c.tolist()) for c in replayed.conditions} == drawn
+    restored = ReplayBuffer(env, 64)
+    restored.load_state_dict(buffer.state_dict())
+    assert torch.equal(restored.conditions, buffer.conditions)
+    with pytest.raises(ValueError, match="lacks conditions"):
+        buffer.add(dataclasses.replace(batch, conditions=None))
+    task = GFlowNetTask(
+        env, model, "tb", batch_size=8, replay=ReplayBuffer(env, 32), replay_fraction=0.5,
+        local_search=LocalSearch(k=2, refinements=1),
+    )  # fmt: skip
+    for step in range(3):
+        loss, _ = task.loss(step)
+        assert torch.isfinite(loss)
+    stored = task.replay.conditions[: len(task.replay)]
+    assert float(stored.min()) >= 0.5 and float(stored.max()) <= 2.0
 
 
 @pytest.mark.slow
