@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 
 from envs.base import Env
+from envs.continuous import ContinuousEnv
+from gfn.continuous import continuous_log_probs
 from gfn.policies import GFlowNet
 from gfn.sampler import Trajectories, TrajectoryLogProbs, trajectory_log_probs
 from gfn.scores import (
@@ -308,7 +310,10 @@ class GFlowNetLoss(ABC):
 
     def score(self, model: torch.nn.Module, env: Env, trajectories: Trajectories) -> Any:
         """What `__call__` scores, from one trunk pass of `model` over the visited states:
-        edge flows, exit scores, or the trajectories' log-probabilities (and flows)."""
+        edge flows, exit scores, or the trajectories' log-probabilities (and flows); on a
+        continuous environment, their log-densities."""
+        if isinstance(env, ContinuousEnv):
+            return continuous_log_probs(model, env, trajectories)
         if "edge_flows" in self.needs:
             return edge_flow_scores(model, env, trajectories)
         if "exit_scores" in self.needs:

@@ -20,7 +20,6 @@ from envs.continuous import ContinuousEnv
 from gfn.config import MODELS
 from gfn.continuous import (
     EVAL_CHUNK,
-    continuous_log_probs,
     heatmap,
     histogram_metrics,
     sample_continuous,
@@ -119,14 +118,21 @@ def condition_dim(env: Env) -> int:
     return env.condition_dim if isinstance(env, ConditionalEnv) else 0
 
 
-def check_conditional(env: Env, loss: GFlowNetLoss) -> None:
-    """What a conditional environment rules out, refused by name: a loss scored from edge
-    flows or exit probabilities (fm, mdb), which read no condition."""
-    if condition_dim(env) and not {"edge_flows", "exit_scores"}.isdisjoint(loss.needs):
-        raise ConfigError(
-            f"loss={loss.name} is not available on the conditional environment "
-            f"{type(env).__name__}; valid: tb, db, subtb, zvar"
-        )
+def check_loss_fits(env: Env | ContinuousEnv, loss: GFlowNetLoss) -> None:
+    """A loss scored from edge flows or exit probabilities (fm, mdb) needs discrete actions
+    and reads no condition: refused by name on a continuous or a conditional environment."""
+    if {"edge_flows", "exit_scores"}.isdisjoint(loss.needs):
+        return
+    if isinstance(env, ContinuousEnv):
+        kind = "continuous"
+    elif condition_dim(env):
+        kind = "conditional"
+    else:
+        return
+    raise ConfigError(
+        f"loss={loss.name} is not available on the {kind} environment "
+        f"{type(env).__name__}; valid: tb, db, subtb, zvar"
+    )
 
 
 class GFlowNetTask(Task):
@@ -192,7 +198,7 @@ class GFlowNetTask(Task):
         if isinstance(loss, str):
             loss = get_loss(loss, **dict(loss_options or {}))
         self.loss_fn = loss
-        check_conditional(env, loss)
+        check_loss_fits(env, loss)
         self.conditional = condition_dim(env) > 0
         self.summary_keys = self._summary_keys()
         self.batch_size = batch_size  # global: split over the ranks of a distributed run
@@ -294,10 +300,7 @@ class GFlowNetTask(Task):
         model = self.train_module() if model is None else model
         # Off-policy share of the batch: as many replayed trajectories as the buffer can give.
         n_old = 0 if self.replay is None else min(self.n_replay, len(self.replay))
-        batch = sample_trajectories(
-            self.model, self.env, self.local_batch_size - n_old, self.generator,
-            self.epsilon, self.temperature,
-        )  # fmt: skip
+        batch = self.sample(self.local_batch_size - n_old, self.generator, explore=True)
         drawn = [batch]
         acceptance = None
         if self.local_search is not None:
@@ -324,6 +327,12 @@ class GFlowNetTask(Task):
             scalars["train/log_z"] = log_z.detach().mean()  # the batch's mean log Z(c)
         return loss, scalars
 
+    def sample(self, n: int, generator: torch.Generator, explore: bool = False) -> Trajectories:
+        """`n` trajectories of the current policy (with the task's exploration if `explore`),
+        without autograd: the one sampler the loss, the probe and the evaluation call."""
+        epsilon, temperature = (self.epsilon, self.temperature) if explore else (0.0, 1.0)
+        return sample_trajectories(self.model, self.env, n, generator, epsilon, temperature)
+
     def _mark_drawn(self, terminal_states: Tensor) -> None:
         """Record terminal states the run has drawn (visited states, targets hit), without a
         host sync."""
@@ -338,9 +347,7 @@ class GFlowNetTask(Task):
         own generator (seeded by the step), and the visited states, found targets and replay
         buffer left as they were, so a probed run trains exactly as an unprobed one."""
         generator = torch.Generator(device=self.env.s0.device).manual_seed(self.seed + 7919 * step)
-        batch = sample_trajectories(
-            self.model, self.env, self.local_batch_size, generator, self.epsilon, self.temperature
-        )
+        batch = self.sample(self.local_batch_size, generator, explore=True)
         scores = self.loss_fn.score(self.model, self.env, batch)
         return self.loss_fn(scores, batch, self.model.log_z_of(batch.conditions))
 
@@ -373,9 +380,7 @@ class GFlowNetTask(Task):
         return self.loss_fn.estimate_log_z(self.model, self.env)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        if self.run_dir is not None and not self._data_written and distributed.is_main_process():
-            write_data_files(self.env, self.run_dir)
-            self._data_written = True
+        self._save_data_files()
         if self.conditional:
             return self._conditional_metrics()
         log_z = self.log_z()
@@ -383,22 +388,27 @@ class GFlowNetTask(Task):
         if self.found_targets is not None:
             metrics["modes_found"] = float(self.found_targets.sum())
         if implements(self.env, "sampled_metrics"):
-            samples = sample_trajectories(
-                self.model, self.env, self.eval_samples, self.eval_generator
-            ).terminal_states
+            samples = self.sample(self.eval_samples, self.eval_generator).terminal_states
             metrics |= self.env.sampled_metrics(samples, self._log_p_terminal)
-            self._write_samples(samples)
+            self._save("samples", samples)
         if self.enumerable:
             visited = state_dag(self.env).terminals[self.visited] if has_modes(self.env) else None
             metrics |= exact_metrics(self.env, self._log_pf, log_z, visited)
         return metrics
 
-    def _write_samples(self, samples: Tensor) -> None:
-        """The terminal samples an evaluation scored, as samples.npy in the run directory
-        (rank 0; replaced at every evaluation), so its figures can be recomputed outside."""
+    def _save(self, name: str, array: Tensor) -> None:
+        """`array` as ``<name>.npy`` in the run directory (rank 0 only; nowhere without one):
+        what an evaluation scored, so its figures can be recomputed outside kinetic."""
         if self.run_dir is not None and distributed.is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            np.save(self.run_dir / "samples.npy", samples.cpu().numpy())
+            np.save(self.run_dir / f"{name}.npy", array.detach().cpu().numpy())
+
+    def _save_data_files(self) -> None:
+        """The environment's `data_files` (what its reward reads), once per run."""
+        if not self._data_written:
+            for name, array in self.env.data_files().items():
+                self._save(name, array)
+            self._data_written = True
 
     @torch.no_grad()
     def _conditional_metrics(self) -> dict[str, float]:
@@ -502,8 +512,9 @@ class GFlowNetTask(Task):
 
 
 class ContinuousGFlowNetTask(GFlowNetTask):
-    """The GFlowNet task on a continuous environment: on-policy batches, tb/db/subtb/zvar on
-    log-densities, histogram evaluation of `eval_samples` terminal samples (written to the run
+    """The GFlowNet task on a continuous environment: on-policy batches from
+    `gfn.continuous.sample_continuous`, tb/db/subtb/zvar on log-densities (`GFlowNetLoss.score`
+    scores them), histogram evaluation of `eval_samples` terminal samples (written to the run
     directory as samples.npy), and a heatmap of the learned density beside the target's."""
 
     summary_keys = (
@@ -514,11 +525,6 @@ class ContinuousGFlowNetTask(GFlowNetTask):
     objective_key = "jsd"
 
     def __init__(self, env: ContinuousEnv, model: GFlowNet, loss: GFlowNetLoss, **kwargs: Any):
-        if not {"edge_flows", "exit_scores"}.isdisjoint(loss.needs):
-            raise ConfigError(
-                f"loss={loss.name} is not available on the continuous environment "
-                f"{type(env).__name__}; valid: tb, db, subtb, zvar"
-            )
         search = kwargs.get("local_search")
         unavailable = {
             "replay": kwargs.get("replay") is not None and kwargs.get("replay_fraction", 0) > 0,
@@ -538,42 +544,18 @@ class ContinuousGFlowNetTask(GFlowNetTask):
         super().__init__(env, model, loss, **kwargs)
         self.last_samples: Tensor | None = None
 
-    def loss(self, step: int, model: torch.nn.Module | None = None):
-        model = self.train_module() if model is None else model
-        batch = sample_continuous(self.model, self.env, self.local_batch_size, self.generator)
-        scores = continuous_log_probs(model, self.env, batch)
-        loss = self.loss_fn(scores, batch, self.model.log_z)
-        return loss, self.loss_fn.scalars(self.model)
-
-    def probe_loss(self, step: int) -> Tensor:
-        generator = torch.Generator(device=self.env.s0.device).manual_seed(self.seed + 7919 * step)
-        batch = sample_continuous(self.model, self.env, self.local_batch_size, generator)
-        return self.loss_fn(continuous_log_probs(self.model, self.env, batch), batch,
-                            self.model.log_z)  # fmt: skip
-
-    def gather_from_ranks(self) -> None:
-        pass
-
-    def log_z(self) -> Tensor | None:
-        if "log_z" in self.loss_fn.needs:
-            return self.model.log_z.detach()
-        if "log_flows" in self.loss_fn.needs:
-            s0 = self.env.initial_states(1)
-            return self.model(self.env.featurize(s0)).log_flow[0]
-        return None
-
-    @torch.no_grad()
-    def sample_terminals(self, n: int) -> Tensor:
-        """`n` terminal states from the policy, in chunks, from the evaluation stream."""
+    def sample(self, n: int, generator: torch.Generator, explore: bool = False) -> Trajectories:
+        """`n` trajectories of the current policy (no exploration: the constructor refused it),
+        in chunks of `EVAL_CHUNK` (an evaluation draws hundreds of thousands)."""
         chunks = [
-            sample_continuous(self.model, self.env, min(EVAL_CHUNK, n - start),
-                              self.eval_generator).terminal_states
+            sample_continuous(self.model, self.env, min(EVAL_CHUNK, n - start), generator)
             for start in range(0, n, EVAL_CHUNK)
-        ]  # fmt: skip
-        return torch.cat(chunks)
+        ]
+        return chunks[0] if len(chunks) == 1 else Trajectories.concatenate(chunks)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        samples = self.sample_terminals(self.eval_samples)
+        self._save_data_files()
+        samples = self.sample(self.eval_samples, self.eval_generator).terminal_states
         self.last_samples = samples
         metrics = histogram_metrics(self.env, samples, self.eval_generator)
         log_z = self.log_z()
@@ -581,7 +563,7 @@ class ContinuousGFlowNetTask(GFlowNetTask):
             metrics["log_z"] = float(log_z)
             if self.env.true_log_z is not None:
                 metrics["log_z_error"] = abs(float(log_z) - self.env.true_log_z)
-        self._write_samples(samples)
+        self._save("samples", samples)
         return metrics
 
     def images(self, step: int) -> dict[str, np.ndarray]:
@@ -589,17 +571,6 @@ class ContinuousGFlowNetTask(GFlowNetTask):
             return {}
         image = heatmap(self.env, self.last_samples)
         return {} if image is None else {"density": image}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "visited": None, "found_targets": None,
-                "replay": None}  # fmt: skip
-
-
-def write_data_files(env: Env, run_dir: Path) -> None:
-    """The environment's `Env.data_files` as ``<name>.npy`` in `run_dir`."""
-    for name, array in env.data_files().items():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        np.save(run_dir / f"{name}.npy", array.detach().cpu().numpy())
 
 
 def side_by_side(terminals: Tensor, p: Tensor, p_star: Tensor, scale: int = 16) -> np.ndarray:
