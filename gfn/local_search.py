@@ -30,6 +30,7 @@ from gfn.sampler import (
     Trajectories,
     _draw,
     sample_trajectories,
+    terminal_log_rewards,
     trajectory_log_probs,
 )
 from kinetic.validate import ConfigError, check_choice, check_int
@@ -38,7 +39,6 @@ __all__ = [
     "ACCEPTANCE_RULES",
     "LocalSearch",
     "local_search",
-    "pad_trajectories",
     "refine",
     "sample_backward_trajectories",
 ]
@@ -66,23 +66,6 @@ class LocalSearch:
                 f"{type(env).__name__} (max_steps={env.max_steps}); valid: 1..{env.max_steps}"
             )
         return self
-
-
-def pad_trajectories(batch: Trajectories, max_length: int) -> Trajectories:
-    """`batch` with its action rows padded to `max_length` (>= its own; states repeat the
-    terminal state, actions are -1), so batches of the same size can be merged row by row."""
-    pad = max_length - batch.max_length
-    if pad == 0:
-        return batch
-    last = batch.states[-1:].expand(pad, *batch.states.shape[1:])
-    return Trajectories(
-        torch.cat([batch.states, last]),
-        torch.cat([batch.actions, batch.actions.new_full((pad, batch.batch_size), PAD_ACTION)]),
-        batch.lengths,
-        batch.terminal_states,
-        batch.log_rewards,
-        batch.conditions,
-    )
 
 
 @torch.no_grad()
@@ -139,19 +122,22 @@ def sample_backward_trajectories(
     actions = torch.where(t[:n_rows] < lengths, actions, PAD_ACTION)
     actions = torch.where(t[:n_rows] == lengths, env.stop_action, actions)  # (T, n)
     if log_rewards is None:
-        if conditions is None:
-            log_rewards = env.log_reward(x)
-        else:
-            log_rewards = env.conditional_log_reward(x, conditions)
+        log_rewards = terminal_log_rewards(env, x, conditions)
     return Trajectories(states, actions, lengths, x.clone(), log_rewards, conditions)
 
 
-def _segment_sums(gflownet: GFlowNet, env: Env, batch: Trajectories, start: Tensor):
-    """Σ log P_F and Σ log P_B over the transitions t >= `start` ``(B,)`` of `batch`."""
-    scores = trajectory_log_probs(gflownet, env, batch)
-    rows = torch.arange(batch.max_length, device=start.device).unsqueeze(1)  # (T, 1)
-    after = rows >= start  # (T, B)
-    return (scores.log_pf * after).sum(dim=0), (scores.log_pb * after).sum(dim=0)
+def _segment_sums(
+    gflownet: GFlowNet, env: Env, batches: list[Trajectories], start: Tensor
+) -> list[tuple[Tensor, Tensor]]:
+    """Σ log P_F and Σ log P_B over the transitions t >= `start` ``(B,)`` of each of the
+    same-sized `batches`, from one trunk pass over all of them."""
+    joined = Trajectories.concatenate(batches)
+    scores = trajectory_log_probs(gflownet, env, joined)
+    rows = torch.arange(joined.max_length, device=start.device).unsqueeze(1)  # (T, 1)
+    after = rows >= start.repeat(len(batches))  # (T, n · B)
+    sums = zip((scores.log_pf * after).sum(dim=0).chunk(len(batches)),
+               (scores.log_pb * after).sum(dim=0).chunk(len(batches)), strict=True)  # fmt: skip
+    return list(sums)
 
 
 @torch.no_grad()
@@ -187,7 +173,7 @@ def local_search(
     n_rows = int(lengths.max()) + 1  # T'; syncs
     t = torch.arange(n_rows + 1, device=junction.device).unsqueeze(1)  # (T' + 1, 1)
     state_view = (-1, batch.batch_size, *([1] * len(env.state_shape)))
-    prefix_states = pad_trajectories(current, max(current.max_length, n_rows)).states
+    prefix_states = current.padded(max(current.max_length, n_rows)).states
     from_suffix = (t - junction).clamp(0, suffix.max_length)  # (T' + 1, B)
     suffix_index = from_suffix.view(state_view).expand(n_rows + 1, *start.shape)
     states = torch.where(
@@ -195,8 +181,8 @@ def local_search(
         prefix_states[: n_rows + 1],
         suffix.states.gather(0, suffix_index),
     )  # (T' + 1, B, *S)
-    prefix_actions = pad_trajectories(current, max(current.max_length, n_rows)).actions
-    suffix_actions = pad_trajectories(suffix, max(suffix.max_length, n_rows)).actions
+    prefix_actions = current.padded(max(current.max_length, n_rows)).actions
+    suffix_actions = suffix.padded(max(suffix.max_length, n_rows)).actions
     from_suffix = (t[:n_rows] - junction).clamp(0, suffix_actions.shape[0] - 1)
     actions = torch.where(
         t[:n_rows] < junction, prefix_actions[:n_rows], suffix_actions.gather(0, from_suffix)
@@ -208,8 +194,9 @@ def local_search(
     if acceptance == "greedy":
         accepted = proposals.log_rewards >= current.log_rewards
     else:
-        pf_new, pb_new = _segment_sums(gflownet, env, proposals, junction)
-        pf_old, pb_old = _segment_sums(gflownet, env, current, junction)
+        (pf_new, pb_new), (pf_old, pb_old) = _segment_sums(
+            gflownet, env, [proposals, current], junction
+        )
         log_ratio = (proposals.log_rewards + pb_new + pf_old) - (
             current.log_rewards + pb_old + pf_new
         )  # (B,)
@@ -222,7 +209,7 @@ def local_search(
 def _select(take: Tensor, new: Trajectories, old: Trajectories) -> Trajectories:
     """Row b of `new` where `take[b]`, else of `old`."""
     length = max(new.max_length, old.max_length)
-    new, old = pad_trajectories(new, length), pad_trajectories(old, length)
+    new, old = new.padded(length), old.padded(length)
     row = take.view(1, -1)
     state_row = take.view(1, -1, *([1] * (new.states.dim() - 2)))
     return Trajectories(

@@ -77,6 +77,12 @@ class ReplayBuffer:
         """Store a batch, overwriting the oldest trajectories once full (only the last
         `capacity` of a batch larger than the buffer are kept)."""
         batch = trajectories
+        if (self.conditions is None) != (batch.conditions is None):
+            raise ValueError(
+                "A replay buffer stores the conditions of a conditional environment's "
+                "trajectories, and only those: this batch "
+                f"{'lacks' if batch.conditions is None else 'has'} conditions"
+            )
         n_new = min(batch.batch_size, self.capacity)
         first = batch.batch_size - n_new
         slots = (self._next + torch.arange(n_new, device=self.lengths.device)) % self.capacity
@@ -91,12 +97,6 @@ class ReplayBuffer:
         self.lengths[slots] = batch.lengths[first:].to(self.lengths.device)
         self.terminal_states[slots] = terminal
         self.log_rewards[slots] = batch.log_rewards[first:].to(self.log_rewards.device)
-        if (self.conditions is None) != (batch.conditions is None):
-            raise ValueError(
-                "A replay buffer stores the conditions of a conditional environment's "
-                "trajectories, and only those: this batch "
-                f"{'lacks' if batch.conditions is None else 'has'} conditions"
-            )
         if self.conditions is not None:
             self.conditions[slots] = batch.conditions[first:].to(self.conditions.device)
         self._next = (self._next + n_new) % self.capacity

@@ -30,6 +30,7 @@ __all__ = [
     "Trajectories",
     "TrajectoryLogProbs",
     "sample_trajectories",
+    "terminal_log_rewards",
     "trajectory_log_probs",
 ]
 
@@ -85,6 +86,21 @@ class Trajectories:
             None if self.conditions is None else self.conditions.to(device),
         )
 
+    def padded(self, max_length: int) -> Trajectories:
+        """This batch with its action rows padded to `max_length` (>= its own): states repeat
+        the terminal state, actions are -1 (a continuous batch's moves are 0)."""
+        pad = max_length - self.max_length
+        if pad == 0:
+            return self
+        last = self.states[-1:].expand(pad, *self.states.shape[1:])  # (pad, B, *S)
+        filler = self.actions.new_full((pad, *self.actions.shape[1:]), PAD_ACTION)
+        if self.actions.is_floating_point():
+            filler.zero_()
+        return Trajectories(
+            torch.cat([self.states, last]), torch.cat([self.actions, filler]), self.lengths,
+            self.terminal_states, self.log_rewards, self.conditions,
+        )  # fmt: skip
+
     @staticmethod
     def concatenate(batches: Sequence[Trajectories]) -> Trajectories:
         """Join batches along B (e.g. on-policy samples and replayed ones), padding to the
@@ -95,17 +111,10 @@ class Trajectories:
         if any(conditional) and not all(conditional):
             raise ValueError("Trajectories.concatenate cannot mix conditional and plain batches")
         t_max = max(batch.max_length for batch in batches)
-        states, actions = [], []
-        for batch in batches:
-            pad = t_max - batch.max_length
-            last = batch.states[-1:].expand(pad, *batch.states.shape[1:])  # (pad, B, ...)
-            states.append(torch.cat([batch.states, last]))  # (t_max + 1, B, ...)
-            actions.append(
-                torch.cat([batch.actions, batch.actions.new_full((pad, batch.batch_size), -1)])
-            )
+        padded = [batch.padded(t_max) for batch in batches]
         return Trajectories(
-            states=torch.cat(states, dim=1),
-            actions=torch.cat(actions, dim=1),
+            states=torch.cat([batch.states for batch in padded], dim=1),
+            actions=torch.cat([batch.actions for batch in padded], dim=1),
             lengths=torch.cat([batch.lengths for batch in batches]),
             terminal_states=torch.cat([batch.terminal_states for batch in batches]),
             log_rewards=torch.cat([batch.log_rewards for batch in batches]),
@@ -127,6 +136,13 @@ class TrajectoryLogProbs:
     log_pf: Tensor
     log_pb: Tensor
     log_flows: Tensor | None
+
+
+def terminal_log_rewards(env: Env, states: Tensor, conditions: Tensor | None) -> Tensor:
+    """log R of terminal `states`, under their `conditions` ``(B, C)`` when given."""
+    if conditions is None:
+        return env.log_reward(states)
+    return env.conditional_log_reward(states, conditions)
 
 
 def _check_exploration(epsilon: float, temperature: float) -> None:
@@ -243,10 +259,7 @@ def sample_trajectories(
         visited = torch.arange(n_steps + 1, device=device).unsqueeze(1) <= lengths  # (T+1, n)
         visited = visited.view(*visited.shape, *([1] * len(env.state_shape)))
         states = torch.where(visited, states[: n_steps + 1], terminal_states)  # (T + 1, n, *S)
-        if conditions is None:
-            log_rewards = env.log_reward(terminal_states)  # (n,)
-        else:
-            log_rewards = env.conditional_log_reward(terminal_states, conditions)  # (n,)
+        log_rewards = terminal_log_rewards(env, terminal_states, conditions)  # (n,)
     # Clones are ordinary tensors: usable in autograd and in-place outside inference mode.
     return Trajectories(
         states.clone(),

@@ -21,6 +21,7 @@ from envs.continuous import BetaMixture, Box, Line, sample_beta
 from gfn.continuous import continuous_log_probs, histogram_metrics, sample_continuous
 from gfn.losses import get_loss
 from gfn.policies import GFlowNet, MLPPolicy, PolicyOutput
+from gfn.sampler import Trajectories
 from gfn.task import ContinuousGFlowNetTask
 from kinetic.errors import ConfigError
 
@@ -231,3 +232,22 @@ def test_line_trains_to_its_target_and_box_writes_its_samples(tmp_path):
     assert "jsd_floor=" in done.stdout and "jsd_kde=" in done.stdout
     samples = np.load(box / "samples.npy")
     assert samples.shape == (3000, 2) and (samples >= 0).all() and (samples <= 1).all()
+
+
+@torch.no_grad()
+def test_continuous_batches_of_different_lengths_concatenate_and_score_as_their_parts():
+    """The task samples an evaluation in chunks: joined, the batches keep every trajectory
+    and its log-densities (padding moves are zero and score nothing)."""
+    env = Box()
+    model = ConstantPolicy(env)
+    parts = [sample_continuous(model, env, n, torch.Generator().manual_seed(n)) for n in (64, 2)]
+    assert parts[0].max_length != parts[1].max_length
+    joined = Trajectories.concatenate(parts)
+    assert joined.actions.shape == (max(p.max_length for p in parts), 66, 2)
+    short = min(parts, key=lambda p: p.max_length)
+    offset = 0 if short is parts[0] else 64
+    pad = joined.actions[short.max_length :, offset : offset + short.batch_size]
+    assert torch.equal(pad, torch.zeros_like(pad))
+    whole = continuous_log_probs(model, env, joined).log_pf.sum(dim=0)
+    separate = torch.cat([continuous_log_probs(model, env, p).log_pf.sum(dim=0) for p in parts])
+    assert torch.allclose(whole, separate)
