@@ -204,6 +204,7 @@ def exact_metrics(
     log_z: float | Tensor | None = None,
     visited: Tensor | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    target: tuple[Tensor, float] | None = None,
 ) -> dict[str, float]:
     """Exact distances between the sampler's terminal distribution and R/Z*, plus modes.
 
@@ -214,6 +215,9 @@ def exact_metrics(
         visited: terminal states the run has drawn so far ``(M, *state_shape)``
             (duplicates allowed); adds ``modes_found`` and ``mode_regions_found``.
         batch_size: the most states per `log_pf_fn` call.
+        target: ``(p_star, log_z_star)`` to compare with instead of the env's R/Z* (e.g. the
+            target at one condition of a conditional environment), as
+            `true_terminal_distribution` returns them.
 
     Returns:
         ``l1``, ``tv``, ``jsd`` (see the module docstring for conventions), the env's own
@@ -230,7 +234,7 @@ def exact_metrics(
     if visited is not None:
         _require_modes(env)
     terminals, p = exact_terminal_distribution(env, log_pf_fn, batch_size)  # (T,)
-    p_star, log_z_star = true_terminal_distribution(env, batch_size)  # (T,)
+    p_star, log_z_star = target or true_terminal_distribution(env, batch_size)  # (T,)
     p_star = p_star.to(p.device)
     l1 = float(l1_distance(p, p_star))
     metrics = {"l1": l1, "tv": 0.5 * l1, "jsd": float(jensen_shannon_divergence(p, p_star))}

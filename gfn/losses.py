@@ -42,7 +42,7 @@ from torch import Tensor
 from envs.base import Env
 from envs.continuous import ContinuousEnv
 from gfn.continuous import continuous_log_probs
-from gfn.policies import GFlowNet
+from gfn.policies import GFlowNet, policy_input
 from gfn.sampler import Trajectories, TrajectoryLogProbs, trajectory_log_probs
 from gfn.scores import (
     EdgeFlowScores,
@@ -325,14 +325,19 @@ class GFlowNetLoss(ABC):
         """The loss of a batch, scalar (the reduction convention of the module docstring)."""
 
     @torch.no_grad()
-    def estimate_log_z(self, model: GFlowNet, env: Env) -> Tensor | None:
+    def estimate_log_z(
+        self, model: GFlowNet, env: Env, condition: Tensor | None = None
+    ) -> Tensor | None:
         """The model's estimate of log Z under this loss: the learned scalar if the loss trains
-        it, else log F(s0) from a flow head; None when the loss implies none."""
+        it, else log F(s0) from a flow head; None when the loss implies none. A conditional
+        GFlowNet's at one `condition` ``(C,)``: log Z(c), or log F(s0 | c)."""
+        conditions = None if condition is None else condition.unsqueeze(0)  # (1, C)
         if "log_z" in self.needs:
-            return model.log_z.detach()
+            log_z = model.log_z_of(conditions).detach()
+            return log_z if conditions is None else log_z[0]
         if "log_flows" in self.needs:
             s0 = env.initial_states(1)
-            return model(env.featurize(s0)).log_flow[0]
+            return model(policy_input(env.featurize(s0), conditions)).log_flow[0]
         return None
 
     def scalars(self, model: GFlowNet) -> dict[str, Tensor]:

@@ -29,8 +29,6 @@ from gfn.evaluation import (
     count_modes,
     exact_metrics,
     exact_terminal_distribution,
-    jensen_shannon_divergence,
-    l1_distance,
     state_dag,
     terminal_index,
     true_terminal_distribution,
@@ -365,13 +363,13 @@ class GFlowNetTask(Task):
         logits = self.model(policy_input(self.env.featurize(states), conditions)).pf_logits
         return masked_log_softmax(logits, self.env.forward_mask(states))
 
-    def _conditional_target(self, condition: Tensor) -> tuple[Tensor, Tensor]:
+    def _conditional_target(self, condition: Tensor) -> tuple[Tensor, float]:
         """p*(x | c) over the terminals, float64, and log Z*(c), at one condition ``(C,)``."""
         terminals = state_dag(self.env).terminals
         conditions = condition.expand(terminals.shape[0], -1)
         log_r = self.env.conditional_log_reward(terminals, conditions).double()
         log_z_star = torch.logsumexp(log_r, dim=0)
-        return (log_r - log_z_star).exp(), log_z_star
+        return (log_r - log_z_star).exp(), float(log_z_star)
 
     def log_z(self) -> Tensor | None:
         """The model's estimate of log Z under its loss (`GFlowNetLoss.estimate_log_z`): the
@@ -417,23 +415,19 @@ class GFlowNetTask(Task):
         for flow losses), and their means over the conditions as ``l1``, ``tv``, ``jsd`` and
         ``log_z_error`` (``l1_max``: the worst condition's)."""
         env = self.env
-        terminals = state_dag(env).terminals
         per_condition: dict[str, list[float]] = {"l1": [], "jsd": [], "log_z_error": []}
         metrics: dict[str, float] = {}
         for condition in env.eval_conditions():
             label = env.condition_label(condition)
-            _, p = exact_terminal_distribution(env, partial(self._log_pf, condition=condition))
-            p_star, log_z_star = self._conditional_target(condition)
-            values = {
-                "l1": float(l1_distance(p, p_star)),
-                "jsd": float(jensen_shannon_divergence(p, p_star)),
-            }
-            log_z = self._conditional_log_z(condition)
-            if log_z is not None:
-                values["log_z_error"] = abs(float(log_z) - float(log_z_star))
-            for key, value in values.items():
-                metrics[f"{key}@{label}"] = value
-                per_condition[key].append(value)
+            exact = exact_metrics(
+                env, partial(self._log_pf, condition=condition),
+                self.loss_fn.estimate_log_z(self.model, env, condition),
+                target=self._conditional_target(condition),
+            )  # fmt: skip
+            for key, values in per_condition.items():
+                if key in exact:
+                    metrics[f"{key}@{label}"] = exact[key]
+                    values.append(exact[key])
         for key, values in per_condition.items():
             if values:
                 metrics[key] = sum(values) / len(values)
@@ -442,19 +436,9 @@ class GFlowNetTask(Task):
         if self.found_targets is not None:
             metrics["modes_found"] = float(self.found_targets.sum())
         if has_modes(env):  # drawn under any condition
-            found = count_modes(env, terminals[self.visited])
+            found = count_modes(env, state_dag(env).terminals[self.visited])
             metrics["modes_found"], metrics["mode_regions_found"] = map(float, found)
         return metrics
-
-    def _conditional_log_z(self, condition: Tensor) -> Tensor | None:
-        """The model's log Z at one condition ``(C,)`` under its loss, or None (zvar)."""
-        if "log_z" in self.loss_fn.needs:
-            return self.model.log_z_of(condition.unsqueeze(0))[0]
-        if "log_flows" in self.loss_fn.needs:
-            s0 = self.env.initial_states(1)
-            features = policy_input(self.env.featurize(s0), condition.unsqueeze(0))
-            return self.model(features).log_flow[0]
-        return None
 
     def _log_p_terminal(self, x: Tensor) -> Tensor:
         """log P_T(x) of terminal states, estimated through P_B (exact on tree-shaped DAGs)."""
