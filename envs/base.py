@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["ConditionalEnv", "Env"]
+__all__ = ["ConditionalEnv", "Env", "StateSpace"]
 
 
 def _to_device(value: object, device: torch.device) -> object:
@@ -44,34 +44,27 @@ def _to_device(value: object, device: torch.device) -> object:
     return value
 
 
-class Env(ABC):
-    """A GFlowNet environment: a DAG of states from `s0`, built by integer actions.
+class StateSpace(ABC):
+    """What every environment shares, discrete (`Env`) or continuous
+    (`envs.continuous.ContinuousEnv`): batched states from `s0`, moving to a device, and the
+    optional outputs a run writes and shows.
 
     Attributes:
-        n_actions: number of forward actions, stop included; action ``n_actions - 1`` is stop
-            (the exit action, leading to the sink state ``sf``).
-        n_backward_actions: number of backward actions, ``n_actions - 1`` (there is no
-            backward "stop").
         state_shape: shape of one state; a batch of states is ``(B, *state_shape)``.
         state_dtype: dtype of state tensors (e.g. ``torch.long``).
         s0: the initial state, ``state_shape``.
         max_steps: an upper bound on the number of non-stop actions in any trajectory.
-
-    Backward actions are numbered by the forward action they undo:
-    ``backward_step(step(s, a), a) == s`` and ``backward_mask(step(s, a))[:, a]`` is True.
-    Policies read their input width from ``featurize(initial_states(1)).shape[-1]``.
+        summary_keys: metrics of the environment's own (`distribution_metrics`,
+            `sampled_metrics`) that a run's closing `done:` line shows beside l1 and jsd.
     """
 
-    n_actions: int
     state_shape: tuple[int, ...]
     state_dtype: torch.dtype
     s0: Tensor
     max_steps: int
-    # Metrics of the environment's own (`distribution_metrics`, `sampled_metrics`) that a run's
-    # closing `done:` line shows beside l1 and jsd.
     summary_keys: tuple[str, ...] = ()
 
-    def to(self, device: torch.device | str) -> Env:
+    def to(self, device: torch.device | str) -> StateSpace:
         """Move the environment to `device` in place and return it (as `torch.nn.Module.to`).
 
         Moves every tensor attribute, also inside lists, tuples and dicts, every module
@@ -87,14 +80,6 @@ class Env(ABC):
         self.device = device
         return self
 
-    @property
-    def n_backward_actions(self) -> int:
-        return self.n_actions - 1
-
-    @property
-    def stop_action(self) -> int:
-        return self.n_actions - 1
-
     def initial_states(self, n: int) -> Tensor:
         """`n` copies of s0, ``(n, *state_shape)``."""
         return self.s0.unsqueeze(0).expand(n, *self.state_shape).clone()
@@ -102,6 +87,37 @@ class Env(ABC):
     def is_initial(self, states: Tensor) -> Tensor:
         """Which states equal s0, bool ``(B,)``."""
         return (states == self.s0).flatten(1).all(dim=1)
+
+    def data_files(self) -> dict[str, Tensor]:
+        """Arrays a run writes to its directory as ``<name>.npy`` when it starts (optional):
+        what the reward is computed from (e.g. the dataset a structure-learning score reads),
+        so results can be recomputed outside kinetic."""
+        return {}
+
+
+class Env(StateSpace):
+    """A GFlowNet environment: a DAG of states from `s0`, built by integer actions.
+
+    Attributes (and `StateSpace`'s):
+        n_actions: number of forward actions, stop included; action ``n_actions - 1`` is stop
+            (the exit action, leading to the sink state ``sf``).
+        n_backward_actions: number of backward actions, ``n_actions - 1`` (there is no
+            backward "stop").
+
+    Backward actions are numbered by the forward action they undo:
+    ``backward_step(step(s, a), a) == s`` and ``backward_mask(step(s, a))[:, a]`` is True.
+    Policies read their input width from ``featurize(initial_states(1)).shape[-1]``.
+    """
+
+    n_actions: int
+
+    @property
+    def n_backward_actions(self) -> int:
+        return self.n_actions - 1
+
+    @property
+    def stop_action(self) -> int:
+        return self.n_actions - 1
 
     @abstractmethod
     def forward_mask(self, states: Tensor) -> Tensor:
@@ -163,12 +179,6 @@ class Env(ABC):
         raise NotImplementedError(
             f"{type(self).__name__} does not implement mode_hits(); target counting needs it"
         )
-
-    def data_files(self) -> dict[str, Tensor]:
-        """Arrays a run writes to its directory as ``<name>.npy`` when it starts (optional):
-        what the reward is computed from (e.g. the dataset a structure-learning score reads),
-        so results can be recomputed outside kinetic."""
-        return {}
 
     def distribution_metrics(
         self, terminals: Tensor, p: Tensor, p_star: Tensor

@@ -17,14 +17,14 @@ cell of `eval_grid` (`target_cell_masses`) against the policy's samples there
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from envs.base import _to_device
+from envs.base import StateSpace
 from kinetic.validate import ConfigError, check_float, check_int
 
 __all__ = [
@@ -139,8 +139,9 @@ class GaussianMixture:
 # --- the contract --------------------------------------------------------------------------------
 
 
-class ContinuousEnv(ABC):
-    """A continuous GFlowNet environment: float states ``(B, state_dim)``, real actions.
+class ContinuousEnv(StateSpace):
+    """A continuous GFlowNet environment: float states ``(B, state_dim)``, real actions (the
+    rest, `s0`, `max_steps`, `to` and the optional outputs, is `envs.base.StateSpace`'s).
 
     Attributes:
         state_dim: length of a state vector; ``state_shape = (state_dim,)``.
@@ -156,35 +157,13 @@ class ContinuousEnv(ABC):
 
     state_dim: int
     action_dim: int
-    s0: Tensor
-    max_steps: int
     n_forward_params: int
     n_backward_params: int
     state_dtype = torch.float32
-    summary_keys: tuple[str, ...] = ()
 
     @property
     def state_shape(self) -> tuple[int, ...]:
         return (self.state_dim,)
-
-    def to(self, device: torch.device | str) -> ContinuousEnv:
-        """Move every tensor attribute to `device` in place (as `envs.base.Env.to`)."""
-        device = torch.device(device)
-        for name, value in list(vars(self).items()):
-            moved = _to_device(value, device)
-            if moved is not value:
-                setattr(self, name, moved)
-        self.device = device
-        return self
-
-    def initial_states(self, n: int) -> Tensor:
-        return self.s0.unsqueeze(0).expand(n, self.state_dim).clone()
-
-    def is_initial(self, states: Tensor) -> Tensor:
-        return (states == self.s0).all(dim=1)
-
-    def data_files(self) -> dict[str, Tensor]:
-        return {}
 
     @abstractmethod
     def featurize(self, states: Tensor) -> Tensor:
