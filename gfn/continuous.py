@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from envs.continuous import ContinuousEnv
-from gfn.evaluation import jensen_shannon_divergence
+from gfn.evaluation import grid_pair_image, jensen_shannon_divergence
 from gfn.policies import GFlowNet
 from gfn.sampler import Trajectories, TrajectoryLogProbs
 
@@ -175,18 +175,12 @@ def histogram_metrics(
 
 
 def heatmap(env: ContinuousEnv, terminals: Tensor, scale: int = 3) -> np.ndarray | None:
-    """For a 2-D grid: the sample histogram beside the target masses, one colour scale, RGB."""
+    """For a 2-D grid: the sample histogram (left) beside the target masses (right), one
+    colour scale, the second coordinate pointing up: RGB."""
     if len(env.eval_grid) != 2:
         return None
-    from matplotlib import colormaps
-
     shape = tuple(bins for _, _, bins in env.eval_grid)
     counts = _histogram(env, env.terminal_coordinates(terminals))[:-1].reshape(shape)
     learned = counts / max(counts.sum(), 1.0)
     target = env.target_cell_masses()[0]
-    top = max(learned.max(), target.max()) or 1.0
-    gap = np.full((shape[0], 2), np.nan)
-    joined = np.concatenate([learned, gap, target], axis=1).T[::-1] / top  # y up
-    rgb = colormaps["viridis"](np.nan_to_num(joined, nan=0.0))[..., :3]
-    rgb[np.isnan(joined)] = 1.0
-    return rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+    return grid_pair_image(learned.T[::-1], target.T[::-1], scale)  # rows: y, top row highest

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,6 +52,7 @@ __all__ = [
     "count_modes",
     "exact_metrics",
     "exact_terminal_distribution",
+    "grid_pair_image",
     "jensen_shannon_divergence",
     "l1_distance",
     "log_z_error",
@@ -176,6 +178,19 @@ def jensen_shannon_divergence(p: Tensor, q: Tensor) -> Tensor:
     kl_pm = (xlogy(p, p) - xlogy(p, m)).sum()
     kl_qm = (xlogy(q, q) - xlogy(q, m)).sum()
     return (0.5 * (kl_pm + kl_qm)).clamp_min(0.0)
+
+
+def grid_pair_image(left: np.ndarray, right: np.ndarray, scale: int) -> np.ndarray:
+    """Two grids of probabilities (H, W) side by side on one colour scale (viridis), with a
+    white column between them: an RGB image (scale·H, scale·(2W + 1), 3) in [0, 1]."""
+    from matplotlib import colormaps  # imported only when an image is drawn
+
+    top = max(float(left.max()), float(right.max())) or 1.0
+    gap = np.full((left.shape[0], 1), np.nan)
+    joined = np.concatenate([left, gap, right], axis=1) / top  # (H, 2W + 1)
+    rgb = colormaps["viridis"](np.nan_to_num(joined))[..., :3]
+    rgb[np.isnan(joined)] = 1.0
+    return rgb.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
 def log_z_error(log_z: float | Tensor, true_log_z: float | Tensor) -> float:

@@ -29,6 +29,7 @@ from gfn.evaluation import (
     count_modes,
     exact_metrics,
     exact_terminal_distribution,
+    grid_pair_image,
     state_dag,
     terminal_index,
     true_terminal_distribution,
@@ -559,18 +560,11 @@ class ContinuousGFlowNetTask(GFlowNetTask):
 
 def side_by_side(terminals: Tensor, p: Tensor, p_star: Tensor, scale: int = 16) -> np.ndarray:
     """An RGB image (H, W, 3) in [0, 1]: p (left) and p* (right) on one colour scale."""
-    from matplotlib import colormaps
-
     coords = terminals.long().cpu()  # (N, 2)
     rows, cols = int(coords[:, 0].max()) + 1, int(coords[:, 1].max()) + 1
     grids = []
     for dist in (p, p_star):
         grid = torch.zeros(rows, cols, dtype=torch.float64)
         grid[coords[:, 0], coords[:, 1]] = dist.cpu().double()
-        grids.append(grid)
-    top = max(float(g.max()) for g in grids) or 1.0
-    gap = torch.full((rows, 1), float("nan"), dtype=torch.float64)
-    joined = torch.cat([grids[0], gap, grids[1]], dim=1) / top  # (H, 2W + 1)
-    rgb = colormaps["viridis"](joined.numpy())[..., :3]  # (H, 2W + 1, 3)
-    rgb[np.isnan(joined.numpy())] = 1.0  # a white gap between the two
-    return rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+        grids.append(grid.numpy())
+    return grid_pair_image(*grids, scale)
