@@ -154,17 +154,22 @@ class HyperGrid(Env):
 
     @property
     def true_log_z(self) -> float:
-        """log Z* = log Σ_x R(x), in closed form (each reward term is a product over axes)."""
+        """log Z* = log Σ_x R(x), in closed form (`tempered_log_z` at β = 1)."""
+        return self.tempered_log_z(1.0)
+
+    def tempered_log_z(self, beta: float) -> float:
+        """log Σ_x R(x)^β in closed form: R takes three values, on cells counted per axis
+        (the band, the plateau around it, the rest), each a product over the D axes."""
         span = self.height - 1
         dist = (2 * torch.arange(self.height) - span).abs()  # (H,)
-        n_plateau = int((2 * dist > span).sum())
-        n_band = int(((5 * dist > 3 * span) & (5 * dist < 4 * span)).sum())
-        z = (
-            self.R0 * self.height**self.ndim
-            + self.R1 * n_plateau**self.ndim
-            + self.R2 * n_band**self.ndim
+        n_plateau = int((2 * dist > span).sum()) ** self.ndim
+        n_band = int(((5 * dist > 3 * span) & (5 * dist < 4 * span)).sum()) ** self.ndim
+        levels = (
+            (self.height**self.ndim - n_plateau, self.R0),
+            (n_plateau - n_band, self.R0 + self.R1),
+            (n_band, self.R0 + self.R1 + self.R2),
         )
-        return math.log(z)
+        return math.log(sum(count * value**beta for count, value in levels if count))
 
     # --- modes --------------------------------------------------------------------------
 
@@ -253,18 +258,3 @@ class ConditionalHyperGrid(HyperGrid, ConditionalEnv):
 
     def condition_label(self, condition: Tensor) -> str:
         return f"beta={float(condition[0]):g}"
-
-    def true_log_z_at(self, beta: float) -> float:
-        """log Z*(β) = log Σ_x R(x)^β, in closed form: R takes three values, on cells counted
-        per axis (the plateau minus the band, the band, the rest)."""
-        span = self.height - 1
-        dist = (2 * torch.arange(self.height) - span).abs()
-        n_plateau = int((2 * dist > span).sum()) ** self.ndim
-        n_band = int(((5 * dist > 3 * span) & (5 * dist < 4 * span)).sum()) ** self.ndim
-        n_all = self.height**self.ndim
-        levels = (
-            (n_all - n_plateau, self.R0),
-            (n_plateau - n_band, self.R0 + self.R1),
-            (n_band, self.R0 + self.R1 + self.R2),
-        )
-        return math.log(sum(count * value**beta for count, value in levels if count))

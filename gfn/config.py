@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gfn.local_search import ACCEPTANCE_RULES
+from gfn.local_search import LocalSearch
 from gfn.losses import LOSSES, loss_from_config
 from gfn.policies import check_policy_arguments
 from gfn.replay import PRIORITIES
@@ -50,15 +50,6 @@ class ReplayConfig:
 
 
 @dataclass
-class LocalSearchConfig:
-    """`task.local_search`: LS-GFN's refinement of each batch (gfn/local_search.py)."""
-
-    refinements: int = 0  # rounds of local search per training batch; 0 = off
-    k: int = 2  # steps backtracked from each terminal state with P_B
-    acceptance: str = "mh"  # mh (Metropolis-Hastings) | greedy (keep the better reward)
-
-
-@dataclass
 class GFlowNetTaskConfig(TaskSchema):
     """The `task` group for task=gfn (`GFlowNetTask.from_config`)."""
 
@@ -72,7 +63,7 @@ class GFlowNetTaskConfig(TaskSchema):
     eval_samples: int = 256  # policy samples per evaluation, for non-enumerable environments
     check_env: bool = True  # validate the environment (envs/checker.py) before training
     replay: ReplayConfig = field(default_factory=ReplayConfig)
-    local_search: LocalSearchConfig = field(default_factory=LocalSearchConfig)
+    local_search: LocalSearch = field(default_factory=LocalSearch)
 
 
 def _validate_task(node: Mapping[str, Any]) -> None:
@@ -94,10 +85,7 @@ def _validate_task(node: Mapping[str, Any]) -> None:
             f"task.replay.fraction={fraction:g} needs a replay buffer: set task.replay.capacity "
             "to the number of trajectories to keep (an int >= 1), or task.replay.fraction=0"
         )
-    search = node["local_search"]
-    check_int("task.local_search.refinements", search["refinements"], 0)
-    check_int("task.local_search.k", search["k"], 1)  # and <= max_steps, once the env is built
-    check_choice("task.local_search.acceptance", search["acceptance"], ACCEPTANCE_RULES)
+    LocalSearch(**node["local_search"]).check()  # K <= max_steps once the env is built
     if capacity > 0 and fraction == 0:
         raise ConfigError(
             f"task.replay.capacity={capacity} keeps a buffer that no batch draws from: set "

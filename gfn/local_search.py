@@ -46,21 +46,22 @@ __all__ = [
 ACCEPTANCE_RULES = ("mh", "greedy")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LocalSearch:
-    """`task.local_search`: K steps of backtracking, the number of refinement rounds per
-    training batch (0: off), and the acceptance rule (`ACCEPTANCE_RULES`)."""
+    """`task.local_search` (its schema in the task's config, too): the refinement rounds per
+    training batch, the steps backtracked, and the acceptance rule (`ACCEPTANCE_RULES`)."""
 
-    k: int = 2
-    refinements: int = 0
-    acceptance: str = "mh"
+    refinements: int = 0  # rounds of local search per training batch; 0 = off
+    k: int = 2  # steps backtracked from each terminal state with P_B
+    acceptance: str = "mh"  # mh (Metropolis-Hastings) | greedy (keep the better reward)
 
-    def check(self, env: Env) -> LocalSearch:
-        """The keys, and K against the environment's longest trajectory, refused by name."""
+    def check(self, env: Env | None = None) -> LocalSearch:
+        """The keys, and K against `env`'s longest trajectory once it is built, refused by
+        name."""
         check_int("task.local_search.refinements", self.refinements, 0)
         check_int("task.local_search.k", self.k, 1)
         check_choice("task.local_search.acceptance", self.acceptance, ACCEPTANCE_RULES)
-        if self.k > env.max_steps:
+        if env is not None and self.k > env.max_steps:
             raise ConfigError(
                 f"task.local_search.k={self.k} is longer than any trajectory of "
                 f"{type(env).__name__} (max_steps={env.max_steps}); valid: 1..{env.max_steps}"
