@@ -322,21 +322,16 @@ class Box(ContinuousEnv):
         high = torch.arcsin((states[:, 1] / self.delta).clamp(-1, 1))
         return low, high
 
-    def must_exit(self, states: Tensor) -> Tensor:
-        """No full move fits in the box: bool ``(B,)``."""
-        low, high = self._forward_angles(states)
-        return (low >= high) & ~self.is_initial(states)
-
     def _unit(self, theta: Tensor) -> Tensor:
         return torch.stack([theta.cos(), theta.sin()], dim=1)
 
     def forward_sample(self, states, params, generator):
         exit_logit, angle, radius0, angle0 = self._split(params)
         initial = self.is_initial(states)
-        forced = self.must_exit(states)
+        low, high = self._forward_angles(states)
+        forced = (low >= high) & ~initial  # no full move fits in the box
         u = torch.empty_like(exit_logit).uniform_(generator=generator)
         exits = ~initial & (forced | (u < torch.sigmoid(exit_logit)))
-        low, high = self._forward_angles(states)
         theta = low + (high - low).clamp_min(0) * BetaMixture(angle).sample(generator)
         moves = self.delta * self._unit(theta)  # (B, 2)
         r = self.delta * BetaMixture(radius0).sample(generator)
@@ -348,10 +343,10 @@ class Box(ContinuousEnv):
     def forward_log_prob(self, states, params, moves, exits):
         exit_logit, angle, radius0, angle0 = self._split(params)
         initial = self.is_initial(states)
-        forced = self.must_exit(states)
+        low, high = self._forward_angles(states)
+        forced = (low >= high) & ~initial  # no full move fits in the box
         log_exit = torch.where(forced, 0.0, F.logsigmoid(exit_logit))
         log_stay = F.logsigmoid(-exit_logit)
-        low, high = self._forward_angles(states)
         width = (high - low).clamp_min(1e-6)
         theta = torch.atan2(moves[:, 1], moves[:, 0])
         log_move = log_stay + BetaMixture(angle).log_prob((theta - low) / width) - width.log()

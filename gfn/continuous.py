@@ -28,7 +28,7 @@ from torch import Tensor
 from envs.continuous import ContinuousEnv
 from gfn.evaluation import grid_pair_image, jensen_shannon_divergence
 from gfn.policies import GFlowNet
-from gfn.sampler import Trajectories, TrajectoryLogProbs
+from gfn.sampler import Trajectories, TrajectoryLogProbs, _scatter_visited
 
 __all__ = [
     "continuous_log_probs",
@@ -100,19 +100,19 @@ def continuous_log_probs(
     exits = (rows == trajectories.lengths)[visited]  # (N,)
     out = gflownet(env.featurize(states))
     flat_log_pf = env.forward_log_prob(states, out.pf_logits, flat_moves, exits)  # (N,)
-    log_pf = flat_log_pf.new_zeros(n_steps, batch).masked_scatter(visited, flat_log_pf)
+    log_pf = _scatter_visited(flat_log_pf, visited)
 
     # P_B at s_t scores the move a_{t-1} that led into it (t >= 1); s0 has no parent.
     previous = torch.cat([torch.zeros_like(moves[:1]), moves[:-1]])[visited]  # (N, A)
     has_parent = (rows >= 1).expand(n_steps, batch)[visited]  # (N,)
     flat_log_pb = env.backward_log_prob(states, out.pb_logits, previous)
     flat_log_pb = torch.where(has_parent, flat_log_pb, 0.0)
-    log_pb_states = flat_log_pb.new_zeros(n_steps, batch).masked_scatter(visited, flat_log_pb)
+    log_pb_states = _scatter_visited(flat_log_pb, visited)
     log_pb = torch.cat([log_pb_states[1:], log_pb_states.new_zeros(1, batch)])
 
     log_flows = None
     if out.log_flow is not None:
-        log_flows = out.log_flow.new_zeros(n_steps, batch).masked_scatter(visited, out.log_flow)
+        log_flows = _scatter_visited(out.log_flow, visited)
     return TrajectoryLogProbs(log_pf, log_pb, log_flows)
 
 

@@ -294,6 +294,11 @@ def _unique_states(states: Tensor) -> tuple[Tensor, Tensor]:
     return unique, inverse
 
 
+def _scatter_visited(flat: Tensor, visited: Tensor) -> Tensor:
+    """Values of the visited rows ``(N,)`` put back in the ``(T, B)`` layout, 0 elsewhere."""
+    return flat.new_zeros(visited.shape).masked_scatter(visited, flat)  # (T, B)
+
+
 def trajectory_log_probs(
     gflownet: GFlowNet, env: Env, trajectories: Trajectories, unique_states: bool = True
 ) -> TrajectoryLogProbs:
@@ -326,7 +331,7 @@ def trajectory_log_probs(
 
     log_pf_all = masked_log_softmax(out.pf_logits, env.forward_mask(states))  # (U, A)
     flat_log_pf = log_pf_all[inverse, flat_actions]  # (N,)
-    log_pf = flat_log_pf.new_zeros(n_steps, batch).masked_scatter(visited, flat_log_pf)  # (T, B)
+    log_pf = _scatter_visited(flat_log_pf, visited)  # (T, B)
 
     # P_B at s_t scores the forward action a_{t-1} that led into it; s0 has no parent.
     prev_actions = torch.cat([actions.new_full((1, batch), PAD_ACTION), actions[:-1]])  # (T, B)
@@ -341,11 +346,11 @@ def trajectory_log_probs(
         flat_log_pb = log_pb_all[inverse, flat_prev.clamp(min=0)]  # (N,)
     flat_log_pb = torch.where(has_parent, flat_log_pb, 0.0)  # (N,)
     # Row t holds log P_B(s_{t-1} | s_t); shift up one so row t scores transition t.
-    log_pb_states = flat_log_pb.new_zeros(n_steps, batch).masked_scatter(visited, flat_log_pb)
+    log_pb_states = _scatter_visited(flat_log_pb, visited)
     log_pb = torch.cat([log_pb_states[1:], log_pb_states.new_zeros(1, batch)])  # (T, B)
 
     log_flows = None
     if out.log_flow is not None:
         flat_log_flows = out.log_flow[inverse]  # (N,)
-        log_flows = flat_log_flows.new_zeros(n_steps, batch).masked_scatter(visited, flat_log_flows)
+        log_flows = _scatter_visited(flat_log_flows, visited)
     return TrajectoryLogProbs(log_pf, log_pb, log_flows)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from envs.base import Env
 from gfn.policies import GFlowNet, PolicyOutput, masked_log_softmax
-from gfn.sampler import PAD_ACTION, Trajectories, _unique_states
+from gfn.sampler import PAD_ACTION, Trajectories, _scatter_visited, _unique_states
 
 __all__ = [
     "EdgeFlowScores",
@@ -77,11 +77,6 @@ def _masked_logsumexp(values: Tensor, mask: Tensor) -> Tensor:
     gradient is never NaN; callers mask such rows out.
     """
     return torch.where(mask, values, torch.finfo(values.dtype).min).logsumexp(dim=1)  # (N,)
-
-
-def _scatter_visited(flat: Tensor, visited: Tensor) -> Tensor:
-    """Values of the visited rows ``(N,)`` put back in the ``(T, B)`` layout, 0 elsewhere."""
-    return flat.new_zeros(visited.shape).masked_scatter(visited, flat)  # (T, B)
 
 
 def _visited_states(
