@@ -56,6 +56,8 @@ class StateSpace(ABC):
         max_steps: an upper bound on the number of non-stop actions in any trajectory.
         summary_keys: metrics of the environment's own (`distribution_metrics`,
             `sampled_metrics`) that a run's closing `done:` line shows beside l1 and jsd.
+        condition_dim: the length of the condition vector each trajectory draws; 0 but for a
+            `ConditionalEnv`.
     """
 
     state_shape: tuple[int, ...]
@@ -63,6 +65,7 @@ class StateSpace(ABC):
     s0: Tensor
     max_steps: int
     summary_keys: tuple[str, ...] = ()
+    condition_dim: int = 0
 
     def to(self, device: torch.device | str) -> StateSpace:
         """Move the environment to `device` in place and return it (as `torch.nn.Module.to`).
@@ -225,10 +228,8 @@ class ConditionalEnv(Env):
     for training, which held-out ones evaluation scores, and what the reward of each is.
 
     Attributes:
-        condition_dim: C, the length of a condition vector.
+        condition_dim: C >= 1, the length of a condition vector.
     """
-
-    condition_dim: int
 
     @abstractmethod
     def sample_conditions(self, n: int, generator: torch.Generator) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from envs.base import ConditionalEnv, Env
+from envs.base import Env
 from gfn.sampler import PAD_ACTION, Trajectories
 from kinetic.validate import check_choice, check_float, check_int
 
@@ -63,7 +63,7 @@ class ReplayBuffer:
         self.log_rewards = torch.zeros(capacity, device=device)  # (C,)
         # A conditional environment's trajectories keep their condition (and their reward
         # under it): replayed, they are scored under the same condition.
-        n_conditions = env.condition_dim if isinstance(env, ConditionalEnv) else 0
+        n_conditions = env.condition_dim
         self.conditions = (
             torch.zeros(capacity, n_conditions, device=device) if n_conditions else None
         )  # (C, condition_dim) or None

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from envs.base import ConditionalEnv, Env
+from envs.base import Env
 from envs.checker import check_env
 from envs.continuous import ContinuousEnv
 from gfn.config import MODELS
@@ -91,7 +91,7 @@ def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn
                 "use model=gnn for graph environments"
             )
         return MLPPolicy(
-            features.shape[-1] + condition_dim(env),
+            features.shape[-1] + env.condition_dim,
             env.n_actions,
             hidden=cfg.model.hidden,
             n_layers=cfg.model.n_layers,
@@ -102,7 +102,7 @@ def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn
     if cfg.model.name == "gnn":
         if isinstance(env, ContinuousEnv):
             raise ConfigError(f"model=gnn needs graph states; {type(env).__name__} is continuous")
-        if condition_dim(env):
+        if env.condition_dim:
             raise ConfigError(
                 f"model=gnn takes no condition; {type(env).__name__} is conditional: use model=mlp"
             )
@@ -112,11 +112,6 @@ def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn
     raise ConfigError(f"Unknown model.name: {cfg.model.name!r}; valid: {', '.join(MODELS)}")
 
 
-def condition_dim(env: Env) -> int:
-    """C, the length of `env`'s condition vector; 0 for an unconditional environment."""
-    return env.condition_dim if isinstance(env, ConditionalEnv) else 0
-
-
 def check_loss_fits(env: Env | ContinuousEnv, loss: GFlowNetLoss) -> None:
     """A loss scored from edge flows or exit probabilities (fm, mdb) needs discrete actions
     and reads no condition: refused by name on a continuous or a conditional environment."""
@@ -124,7 +119,7 @@ def check_loss_fits(env: Env | ContinuousEnv, loss: GFlowNetLoss) -> None:
         return
     if isinstance(env, ContinuousEnv):
         kind = "continuous"
-    elif condition_dim(env):
+    elif env.condition_dim:
         kind = "conditional"
     else:
         return
@@ -198,7 +193,7 @@ class GFlowNetTask(Task):
             loss = get_loss(loss, **dict(loss_options or {}))
         self.loss_fn = loss
         check_loss_fits(env, loss)
-        self.conditional = condition_dim(env) > 0
+        self.conditional = env.condition_dim > 0
         self.summary_keys = self._summary_keys()
         self.batch_size = batch_size  # global: split over the ranks of a distributed run
         self.local_batch_size = distributed.per_rank(batch_size, "task.batch_size")
@@ -264,7 +259,7 @@ class GFlowNetTask(Task):
             check_env(env, seed=cfg.seed)
         loss = loss_from_config(cfg.loss)
         policy = build_policy(cfg, env, flow_head=loss.flow_head)
-        model = GFlowNet(policy, log_z_init=tc.log_z_init, condition_dim=condition_dim(env)).to(
+        model = GFlowNet(policy, log_z_init=tc.log_z_init, condition_dim=env.condition_dim).to(
             device
         )
         if cfg.get("compile", False):

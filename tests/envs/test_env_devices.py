@@ -68,7 +68,7 @@ def test_built_in_envs_run_on_the_device_they_are_moved_to(name, device):
         return  # its policy is the GNN, tested on devices in tests/gfn
     torch.manual_seed(0)
     features = env.featurize(env.initial_states(1)).shape[1]
-    conditions = getattr(env, "condition_dim", 0)
+    conditions = env.condition_dim
     policy = MLPPolicy(features + conditions, env.n_actions, hidden=16)
     model = GFlowNet(policy, condition_dim=conditions).to(device)
     batch = sample_trajectories(model, env, 8, torch.Generator(device).manual_seed(0))
