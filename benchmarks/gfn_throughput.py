@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # The checkout's packages, ahead of the editable install: that is a map fixed at install time,
 # so a package added since (such as `kinetic`) is missing from it until a reinstall.
@@ -154,6 +155,8 @@ class KineticRun:
         self.optimizer = build_optimizer(cfg.optim, self.task.param_groups())
         self.monitor = MonitorConfig.from_dict(cfg.monitor)
         self.rows = RowCounter(self.task.model.policy)
+        if self.task.steps_fn is not None:
+            self.task.steps_fn = self.rows.count_static_steps(self.task.steps_fn)
         self.step = 0
         self.ms: list[float] = []  # wall milliseconds of every iteration so far
         self.marks = [0]  # len(self.rows.calls) after each iteration
@@ -218,13 +221,27 @@ class RowCounter:
 
         @functools.wraps(forward)
         def counted(features: Tensor):
-            if not self._paused:
+            # A compiled rollout's calls are counted by `count_static_steps`, from outside the
+            # graph (tracing this append would make the graph guard on the list's length).
+            if not self._paused and not torch.compiler.is_compiling():
                 taped = torch.is_grad_enabled()
                 rows = features.numel() // features.shape[-1]
                 self.calls.append((rows, taped, taped and features.requires_grad))
             return forward(features)
 
         policy.forward = counted
+
+    def count_static_steps(self, steps_fn: Callable) -> Callable:
+        """`steps_fn` (a compiled `gfn.sampler.static_steps`) recording its k calls of the
+        policy on n rows each, as sampling calls (no autograd)."""
+
+        @functools.wraps(steps_fn)
+        def counted(gflownet, env, states, done, races, *args):
+            if not self._paused:
+                self.calls.extend([(states.shape[0], False, False)] * races.shape[0])
+            return steps_fn(gflownet, env, states, done, races, *args)
+
+        return counted
 
     @contextlib.contextmanager
     def paused(self):
@@ -574,15 +591,38 @@ def print_tables(results: list[dict], threads: int, warmup: int, peak: float) ->
 # --- profile --------------------------------------------------------------------------------
 
 
+_PHASES: list[str] = []  # the innermost timed phase running now is last
+
+
 def _timed(fn: Callable, totals: dict[str, float], name: str) -> Callable:
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
-        with torch.profiler.record_function(name):
-            out = fn(*args, **kwargs)
+        _PHASES.append(name)
+        try:
+            with torch.profiler.record_function(name):
+                out = fn(*args, **kwargs)
+        finally:
+            _PHASES.pop()
         totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
         return out
 
     return wrapper
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators an iteration dispatches to a kernel, by the innermost timed
+    phase running (`_timed`): what reaches the backend after autograd and composite ops
+    are unfolded (``linear`` is a ``t`` and an ``addmm``), backward's operators included.
+    Every one of them is a kernel launch on a GPU and a dispatcher round trip on a CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        phase = _PHASES[-1] if _PHASES else "outside task.loss"
+        self.counts[phase] = self.counts.get(phase, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 class _TimedLoss:
@@ -665,6 +705,27 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
             )
             ms = totals.get(name, 0.0) / n * 1e3
             print(f"{indent + name:<26} {ms:>8.3f} {ms / (wall / n * 1e3):>6.1%}")
+
+        # Operators per iteration, by phase ("task.loss" alone: the task's own work outside
+        # the three inner phases; "outside task.loss": backward, guard, monitors, optimizer).
+        counter = OpCounter()
+        run.task.loss = _timed(task_loss, {}, "task.loss")
+        try:
+            with counter:
+                run.train(m)
+        finally:
+            run.task.loss = task_loss
+        total = sum(counter.counts.values())
+        print(f"\naten operators per iteration ({m} iterations): {total / m:.0f}")
+        for name in (
+            "sample_trajectories",
+            "trajectory_log_probs",
+            "loss_fn",
+            "task.loss",
+            "outside task.loss",
+        ):
+            count = counter.counts.get(name, 0)
+            print(f"  {name:<24} {count / m:>7.0f}")
 
         # Torch ops (self CPU time), over fewer iterations: the profiler adds overhead.
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
