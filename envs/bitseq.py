@@ -201,8 +201,11 @@ class BitSequence(Env):
         return last == self._words  # (B, 2^k); −1 (s0) matches no word
 
     def step(self, states: Tensor, actions: Tensor) -> Tensor:
-        """Write word ``actions`` ``(B,)`` into the first empty slot of `states` ``(B, n/k)``."""
-        slot = self.lengths(states).unsqueeze(1)  # (B, 1)
+        """Write word ``actions`` ``(B,)`` into the first empty slot of `states` ``(B, n/k)``.
+
+        A full string (no legal word) gets its last word overwritten, not an index error: the
+        static rollout steps finished trajectories and drops the result."""
+        slot = self.lengths(states).clamp(max=self.n_words - 1).unsqueeze(1)  # (B, 1)
         return states.scatter(1, slot, actions.unsqueeze(1))
 
     def backward_step(self, states: Tensor, actions: Tensor) -> Tensor:

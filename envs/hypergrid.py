@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from envs.base import ConditionalEnv, Env
@@ -74,6 +75,11 @@ class HyperGrid(Env):
         self.s0 = torch.zeros(ndim, dtype=torch.long, device=self.device)
         self.max_steps = ndim * (height - 1)
         self._coords = torch.arange(max(ndim, height), device=self.device)
+        # Lookup tables that keep the per-step methods to one or two operators each (the
+        # sampler calls them on a few rows at every step, where operator count is the cost).
+        self._one_hot = torch.eye(height, device=self.device)  # (H, H), row x = one-hot of x
+        eye = torch.eye(ndim + 1, ndim, dtype=torch.long, device=self.device)
+        self._increments = eye  # (D + 1, D): row d adds 1 to coordinate d, row D (stop) is 0
         # Row-major place values H^(D-1-d), for flat state indices.
         self._place = height ** torch.arange(ndim - 1, -1, -1, device=self.device)  # (D,)
 
@@ -87,8 +93,7 @@ class HyperGrid(Env):
 
     def forward_mask(self, states: Tensor) -> Tensor:
         """Increments are legal below ``height − 1``; stop always: bool ``(B, ndim + 1)``."""
-        stop = torch.ones_like(states[:, :1], dtype=torch.bool)  # (B, 1)
-        return torch.cat([states < self.height - 1, stop], dim=1)  # (B, D + 1)
+        return F.pad(states < self.height - 1, (0, 1), value=True)  # (B, D + 1)
 
     def backward_mask(self, states: Tensor) -> Tensor:
         """Decrementing coordinate d is legal above 0: bool ``(B, ndim)``."""
@@ -100,7 +105,7 @@ class HyperGrid(Env):
 
     def step(self, states: Tensor, actions: Tensor) -> Tensor:
         """Increment coordinate ``actions`` ``(B,)`` of `states` ``(B, D)``."""
-        return states + self._unit(actions)
+        return states + self._increments[actions]
 
     def backward_step(self, states: Tensor, actions: Tensor) -> Tensor:
         """Decrement coordinate ``actions`` ``(B,)`` of `states` ``(B, D)``."""
@@ -122,8 +127,7 @@ class HyperGrid(Env):
 
     def featurize(self, states: Tensor) -> Tensor:
         """One-hot of each coordinate, concatenated: float32 ``(B, ndim * height)``."""
-        one_hot = states.unsqueeze(-1) == self._coords[: self.height]  # (B, D, H)
-        return one_hot.flatten(1).float()  # (B, D·H)
+        return self._one_hot[states].flatten(1)  # (B, D·H)
 
     # --- exact evaluation ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from gfn.local_search import LocalSearch
 from gfn.losses import LOSSES, loss_from_config
 from gfn.policies import check_policy_arguments
 from gfn.replay import PRIORITIES
+from gfn.sampler import ROLLOUTS
 from kinetic.config import TaskSchema
 from kinetic.errors import ConfigError, refused_arguments
 from kinetic.registry import register_task
@@ -60,6 +61,8 @@ class GFlowNetTaskConfig(TaskSchema):
     log_z_beta3: float | None = None  # VRAdam only: the velocity penalty of log Z's group
     epsilon: float = 0.0  # probability of a uniform exploratory action
     temperature: float = 1.0  # softmax temperature of the sampling policy
+    rollout: str = "dynamic"  # dynamic | static (lockstep, fixed shapes; compiles whole)
+    rollout_chunk: int = 8  # static rollout: lockstep steps per call (per compiled graph)
     eval_samples: int = 256  # policy samples per evaluation, for non-enumerable environments
     check_env: bool = True  # validate the environment (envs/checker.py) before training
     replay: ReplayConfig = field(default_factory=ReplayConfig)
@@ -74,6 +77,8 @@ def _validate_task(node: Mapping[str, Any]) -> None:
     check_probability("task.epsilon", node["epsilon"])
     check_float("task.temperature", node["temperature"], 0.0, low_open=True)
     check_int("task.eval_samples", node["eval_samples"], 1)
+    check_choice("task.rollout", node["rollout"], ROLLOUTS)
+    check_int("task.rollout_chunk", node["rollout_chunk"], 1)
     if node["log_z_beta3"] is not None:
         check_float("task.log_z_beta3", node["log_z_beta3"], 0.0)
     replay = node["replay"]

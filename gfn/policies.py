@@ -7,7 +7,7 @@ a graph environment plugs in a GNN with the same output.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import Any, NamedTuple
 
@@ -19,6 +19,7 @@ from kinetic.validate import check_choice, check_int
 
 __all__ = [
     "GFlowNet",
+    "MLPActivations",
     "MLPPolicy",
     "PolicyOutput",
     "masked_log_softmax",
@@ -156,20 +157,96 @@ class MLPPolicy(nn.Module):
 
         widths = [n_features] + [hidden] * n_layers
         self.trunk = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in pairwise(widths))
-        n_out = n_actions + (n_backward_outputs if learned_pb else 0) + (1 if flow_head else 0)
-        self.heads = nn.Linear(hidden, n_out)
+        sizes = [n_actions] + ([n_backward_outputs] if learned_pb else []) + [1] * flow_head
+        self._head_sizes = sizes
+        self.heads = nn.Linear(hidden, sum(sizes))
 
     def forward(self, features: Tensor) -> PolicyOutput:
         """Evaluate the trunk once on `features` ``(B, n_features)`` and split the heads."""
         hidden = features
         for layer in self.trunk:
             hidden = self._activation(F.linear(hidden, layer.weight, layer.bias))  # (B, H)
-        out = F.linear(hidden, self.heads.weight, self.heads.bias)  # (B, n_out)
-        a = self.n_actions
-        pf_logits = out[:, :a]  # (B, A)
-        pb_logits = out[:, a : a + self.n_backward_outputs] if self.learned_pb else None
-        log_flow = out[:, -1] if self.flow_head else None  # (B,)
+        return self.split_heads(F.linear(hidden, self.heads.weight, self.heads.bias))
+
+    def split_heads(self, out: Tensor) -> PolicyOutput:
+        """The fused heads' output ``(B, n_out)`` as a `PolicyOutput`."""
+        if not (self.learned_pb or self.flow_head):
+            return PolicyOutput(out, None, None)
+        # One split (one operator) into the head's column blocks.
+        pf_logits, *rest = out.split(self._head_sizes, dim=1)  # (B, A), ...
+        pb_logits = rest.pop(0) if self.learned_pb else None  # (B, A - 1)
+        log_flow = rest[0].squeeze(1) if self.flow_head else None  # (B,)
         return PolicyOutput(pf_logits, pb_logits, log_flow)
+
+    def record(self, features: Tensor) -> tuple[PolicyOutput, MLPActivations]:
+        """`forward` (call it without autograd), also returning what `replay`'s backward needs:
+        each layer's input and pre-activation. The same operators as `forward`."""
+        inputs, pre_activations = [features], []
+        hidden = features
+        for layer in self.trunk:
+            z = F.linear(hidden, layer.weight, layer.bias)  # (B, H)
+            hidden = self._activation(z)
+            pre_activations.append(z)
+            inputs.append(hidden)
+        out = F.linear(hidden, self.heads.weight, self.heads.bias)  # (B, n_out)
+        return self.split_heads(out), MLPActivations(inputs, pre_activations, out)
+
+    def replay(self, activations: MLPActivations) -> PolicyOutput:
+        """The output of a recorded pass (`record`) as if `forward` had just computed it with
+        autograd, without computing it again: its gradient reaches the parameters through a
+        backward pass over the recorded activations (the one autograd would run). Valid only
+        while the parameters are the ones the pass was recorded with."""
+        params = [p for layer in (*self.trunk, self.heads) for p in (layer.weight, layer.bias)]
+        return self.split_heads(_ReplayMLP.apply(activations.output, self, activations, *params))
+
+    def activation_backward(self, grad: Tensor, pre_activation: Tensor) -> Tensor:
+        """The gradient through the activation at `pre_activation`, given the one after it."""
+        if self.activation == "relu":  # relu's own backward kernel (one pass)
+            return torch.ops.aten.threshold_backward(grad, pre_activation, 0)
+        with torch.enable_grad():
+            z = pre_activation.detach().requires_grad_()
+            return torch.autograd.grad(self._activation(z), z, grad)[0]
+
+
+class MLPActivations(NamedTuple):
+    """What `MLPPolicy.record` keeps of a pass over R rows: every layer's input
+    (``inputs[0]`` the features, then each hidden layer's output), every hidden layer's
+    pre-activation, and the heads' output ``(R, n_out)``."""
+
+    inputs: list[Tensor]
+    pre_activations: list[Tensor]
+    output: Tensor
+
+    @staticmethod
+    def cat(passes: Sequence[MLPActivations]) -> MLPActivations:
+        """Passes over R_1, R_2, ... rows as one pass over their R_1 + R_2 + ... rows."""
+        return MLPActivations(
+            [torch.cat(layer) for layer in zip(*(p.inputs for p in passes), strict=True)],
+            [torch.cat(layer) for layer in zip(*(p.pre_activations for p in passes), strict=True)],
+            torch.cat([p.output for p in passes]),
+        )
+
+
+class _ReplayMLP(torch.autograd.Function):
+    """Identity on a recorded output, whose backward is the MLP's (`MLPPolicy.replay`)."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, policy: MLPPolicy, acts: MLPActivations, *params):
+        ctx.policy, ctx.acts = policy, acts
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        policy, acts = ctx.policy, ctx.acts
+        layers = [*policy.trunk, policy.heads]
+        grads: list[Tensor] = []
+        for i in range(len(layers) - 1, -1, -1):  # heads first
+            if i < len(layers) - 1:
+                grad = policy.activation_backward(grad, acts.pre_activations[i])  # (R, H)
+            grads[:0] = [grad.t() @ acts.inputs[i], grad.sum(dim=0)]  # weight, bias
+            if i > 0:
+                grad = grad @ layers[i].weight  # (R, width of layer i's input)
+        return (None, None, None, *grads)
 
 
 class GFlowNet(nn.Module):

@@ -16,25 +16,78 @@ Trajectory layout (time-major, as in torchgfn), for B trajectories of n_b non-ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from envs.base import ConditionalEnv, Env
 from envs.rows import row_keys
-from gfn.policies import GFlowNet, masked_log_softmax, policy_input
+from gfn.policies import (
+    GFlowNet,
+    MLPActivations,
+    MLPPolicy,
+    PolicyOutput,
+    masked_log_softmax,
+    policy_input,
+)
 
 __all__ = [
+    "ROLLOUTS",
+    "SamplingPass",
     "Trajectories",
     "TrajectoryLogProbs",
+    "compile_static_steps",
     "sample_trajectories",
+    "static_step",
+    "static_steps",
     "terminal_log_rewards",
     "trajectory_log_probs",
 ]
 
 PAD_ACTION = -1
+# A step's deduplication (a row hash, a sort, three gathers) costs about what a 256x2 MLP spends
+# forward and backward on this many rows (measured on one CPU thread); the dynamic rollout keeps
+# deduplicating only while a step saves at least this many.
+DEDUP_MIN_SAVED = 16
+
+
+@dataclass
+class SamplingPass:
+    """The policy's pass over the states a sampler evaluated, kept so that the loss can score
+    the batch without evaluating the policy again while its parameters are unchanged.
+
+    Attributes:
+        policy: the `MLPPolicy` that made the pass.
+        versions: its parameters' version counters at the time; any in-place update since
+            (an optimizer step) makes the pass stale.
+        states: the R states evaluated, ``(R, *state_shape)`` (each distinct state once per
+            step while states repeat).
+        rows: long ``(T, B)``, the row of ``states`` holding s_t of trajectory b, -1 on padding.
+        forward_mask: ``env.forward_mask(states)``, bool ``(R, n_actions)``.
+        activations: what `MLPPolicy.replay` needs to backpropagate through the pass.
+    """
+
+    policy: MLPPolicy
+    versions: tuple[int, ...]
+    states: Tensor
+    rows: Tensor
+    forward_mask: Tensor
+    activations: MLPActivations
+
+    def serves(self, gflownet: torch.nn.Module) -> bool:
+        """Whether this pass is `gflownet`'s policy's current output (same module, same
+        parameter versions)."""
+        return getattr(gflownet, "policy", None) is self.policy and self.versions == _versions(
+            self.policy
+        )
+
+
+def _versions(module: torch.nn.Module) -> tuple[int, ...]:
+    return tuple(p._version for p in module.parameters())
 
 
 @dataclass
@@ -50,6 +103,9 @@ class Trajectories:
         log_rewards: float ``(B,)``, log R(s_{n_b}) (log R(s_{n_b} | c_b) when conditional).
         conditions: float ``(B, C)``, each trajectory's condition c_b for a conditional
             environment (`envs.base.ConditionalEnv`); None otherwise.
+        sampling_pass: the policy's pass that drew this batch, when the sampler was asked to
+            keep it (`trajectory_log_probs` then scores the batch from it); not carried over
+            by `to`, `padded` or `concatenate`.
     """
 
     states: Tensor
@@ -58,6 +114,7 @@ class Trajectories:
     terminal_states: Tensor
     log_rewards: Tensor
     conditions: Tensor | None = None
+    sampling_pass: SamplingPass | None = None
 
     @property
     def batch_size(self) -> int:
@@ -145,6 +202,9 @@ def terminal_log_rewards(env: Env, states: Tensor, conditions: Tensor | None) ->
     return env.conditional_log_reward(states, conditions)
 
 
+ROLLOUTS = ("dynamic", "static")
+
+
 def _check_exploration(epsilon: float, temperature: float) -> None:
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"Invalid epsilon: {epsilon}; it must lie in [0, 1]")
@@ -168,17 +228,85 @@ def _exploration_probs(logits: Tensor, mask: Tensor, epsilon: float, temperature
     return probs
 
 
+def _races(n_steps: int, n: int, n_actions: int, generator: torch.Generator) -> Tensor:
+    """Exp(1) draws for every step, trajectory and action of a rollout, ``(n_steps, n, A)``,
+    in one call; both rollouts read trajectory b's row of step t, so they draw the same
+    actions. Clamped above 0 so that `_race`'s division is finite."""
+    races = torch.empty(n_steps, n, n_actions, device=generator.device)
+    races.exponential_(generator=generator)
+    return races.clamp_min_(torch.finfo(races.dtype).tiny)  # (n_steps, n, A)
+
+
 def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One action per row of `probs` ``(n, A)``, long ``(n,)``, from fresh races (`_race`)."""
+    races = torch.empty_like(probs).exponential_(generator=generator)  # (n, A)
+    return _race(probs, races.clamp_min_(torch.finfo(probs.dtype).tiny))
+
+
+def _race(probs: Tensor, races: Tensor) -> Tensor:
     """One action per row of `probs` ``(n, A)``, long ``(n,)``, by an exponential race.
 
-    argmax_i p_i / E_i with E_i ~ Exp(1) is i with probability p_i (the Gumbel-max trick in
-    probability space; what torch.multinomial does for one sample, without its validity
-    checks, which read tensors back to the host). An action with p_i = 0 scores 0 and a legal
-    one scores > 0, so a masked action is never drawn; the clamp keeps 0 / 0 from making NaN.
+    argmax_i p_i / E_i with E_i ~ Exp(1) (`races`, ``(n, A)``, > 0) is i with probability p_i
+    (the Gumbel-max trick in probability space; what torch.multinomial does for one sample,
+    without its validity checks, which read tensors back to the host). An action with p_i = 0
+    scores 0 and a legal one scores > 0, so a masked action is never drawn.
     """
-    races = torch.empty_like(probs).exponential_(generator=generator)  # (n, A)
-    races.clamp_min_(torch.finfo(probs.dtype).tiny)
     return (probs / races).argmax(dim=-1)  # (n,)
+
+
+def static_step(
+    gflownet: GFlowNet,
+    env: Env,
+    states: Tensor,
+    done: Tensor,
+    races: Tensor,
+    conditions: Tensor | None,
+    epsilon: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One lockstep step of every trajectory of a static rollout, fixed shapes throughout.
+
+    Every row is evaluated and stepped: a row `done` ``(n,)`` before this step records the
+    padding action, and a row that is done after it keeps its state (the environment steps it
+    with action 0, whatever that gives, and the result is dropped). No host sync and no
+    data-dependent shape, so ``torch.compile(fullgraph=True)`` traces it whole, and on CUDA it
+    can run under CUDA graphs. Returns the recorded actions long ``(n,)``, the new `done` and
+    the next states ``(n, *S)``.
+    """
+    stop = env.stop_action
+    features = policy_input(env.featurize(states), conditions)
+    logits = gflownet(features).pf_logits  # (n, A)
+    probs = _exploration_probs(logits, env.forward_mask(states), epsilon, temperature)
+    chosen = _race(probs, races)  # (n,)
+    actions = torch.where(done, PAD_ACTION, chosen)  # (n,)
+    done = done | (chosen == stop)  # (n,)
+    # A finished row takes action 0 (any non-exit action would do) and its result is dropped.
+    moved = env.step(states, torch.where(done, 0, chosen))  # (n, *S)
+    next_states = torch.where(done.view(-1, *([1] * (states.dim() - 1))), states, moved)
+    return actions, done, next_states
+
+
+def static_steps(
+    gflownet: GFlowNet,
+    env: Env,
+    states: Tensor,
+    done: Tensor,
+    races: Tensor,
+    conditions: Tensor | None,
+    epsilon: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``k = races.shape[0]`` lockstep steps (`static_step`) in one call, so that a compiled
+    chunk pays the call and guard overhead once per k steps. `races` ``(k, n, A)``. Returns
+    the actions ``(k, n)``, the states after each step ``(k, n, *S)`` and the final `done`."""
+    actions, visited = [], []
+    for t in range(races.shape[0]):
+        action, done, states = static_step(
+            gflownet, env, states, done, races[t], conditions, epsilon, temperature
+        )
+        actions.append(action)
+        visited.append(states)
+    return torch.stack(actions), torch.stack(visited), done
 
 
 def sample_trajectories(
@@ -190,6 +318,11 @@ def sample_trajectories(
     temperature: float = 1.0,
     conditions: Tensor | None = None,
     start_states: Tensor | None = None,
+    rollout: str = "dynamic",
+    steps_fn: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,
+    chunk: int = 8,
+    unique_states: bool = True,
+    record_pass: bool = False,
 ) -> Trajectories:
     """Sample `n` trajectories from s0 with P_F, vectorized over the batch.
 
@@ -203,10 +336,30 @@ def sample_trajectories(
     Exploration changes only which actions are drawn: with probability `epsilon` an action is
     uniform over the legal ones, otherwise it is drawn from softmax(logits / `temperature`).
     Masked actions have probability exactly 0, so they are never taken, and exit is taken
-    whenever it is the only legal action. Runs under `torch.inference_mode()` (no autograd;
-    the results are returned as ordinary tensors); the log-probabilities for a loss come from
-    `trajectory_log_probs`. Only trajectories still running are evaluated at each step, and
-    the loop syncs with the host once per step. All randomness comes from `generator`.
+    whenever it is the only legal action. All randomness comes from `generator`: the
+    exponential races of every step are drawn in one call up front.
+
+    Two rollouts give the same trajectories from the same generator state:
+
+    - ``"dynamic"`` evaluates only the trajectories still running, and only once per distinct
+      state while many share one (s0; with `unique_states`, early steps): the fewest policy
+      rows, what a CPU wants at large batches. The batch shrinks (index ops) on steps where
+      some trajectory exits. Turn `unique_states` off for a policy whose output for a row
+      depends on the rest of the batch (batch norm) or on chance (dropout).
+    - ``"static"`` advances every trajectory in lockstep in fixed-size buffers, a finished one
+      masked (`static_step`), `chunk` steps per call (`static_steps`): more rows when lengths
+      vary, but no data-dependent shape, so a chunk compiles without graph breaks and can run
+      under CUDA graphs. `steps_fn` replaces `static_steps` (its compiled form,
+      `compile_static_steps`); it must compute the same thing.
+
+    With `record_pass`, on the dynamic rollout of an `MLPPolicy` outside autocast, the batch
+    keeps the policy's pass (`SamplingPass`): a loss taken before the next parameter update
+    is scored from it, with no second forward pass (`trajectory_log_probs`).
+
+    Both run under `torch.inference_mode()` (no autograd; the results are returned as ordinary
+    tensors) and sync with the host once per step (dynamic) or per chunk (static), to stop
+    when every trajectory has exited; the log-probabilities for a loss come from
+    `trajectory_log_probs`.
 
     Raises:
         RuntimeError: if a trajectory has not exited after ``env.max_steps`` non-exit actions
@@ -215,50 +368,38 @@ def sample_trajectories(
     if n < 1:
         raise ValueError(f"Invalid number of trajectories: {n}; it must be at least 1")
     _check_exploration(epsilon, temperature)
-    stop = env.stop_action
+    if rollout not in ROLLOUTS:
+        raise ValueError(f"Invalid rollout: {rollout!r}; valid: {', '.join(ROLLOUTS)}")
+    if chunk < 1:
+        raise ValueError(f"Invalid chunk: {chunk}; it must be at least 1")
     if isinstance(env, ConditionalEnv) and conditions is None:
         conditions = env.sample_conditions(n, generator)  # (n, C)
     # inference_mode, not just no_grad: it also skips autograd's bookkeeping on every op,
     # which is most of the cost of the small per-step ops. The results are cloned out of it.
     with torch.inference_mode():
-        # (n, *S): the running trajectories' states
-        current = env.initial_states(n) if start_states is None else start_states
-        device = current.device
-        # One allocation each: at most max_steps + 1 actions and max_steps + 2 states.
-        states = current.new_empty((env.max_steps + 2, *current.shape))  # (T_max + 1, n, *S)
-        actions = torch.full((env.max_steps + 1, n), PAD_ACTION, dtype=torch.long, device=device)
-        states[0] = current
-        running = torch.arange(n, device=device)  # (n_running,) trajectory indices
-        running_conditions = conditions  # (n_running, C) or None
-        for t in range(env.max_steps + 1):
-            features = policy_input(env.featurize(current), running_conditions)
-            logits = gflownet(features).pf_logits  # (n_running, A)
-            probs = _exploration_probs(logits, env.forward_mask(current), epsilon, temperature)
-            chosen = _draw(probs, generator)  # (n_running,)
-            actions[t, running] = chosen
-            # Syncs with the host once per step: the loop must know when everyone has exited.
-            moving = (chosen != stop).nonzero().squeeze(1)  # (n_moving,)
-            if moving.numel() == 0:
-                break
-            running = running[moving]
-            if running_conditions is not None:
-                running_conditions = running_conditions[moving]
-            current = env.step(current[moving], chosen[moving])
-            states[t + 1, running] = current
+        current = env.initial_states(n) if start_states is None else start_states  # (n, *S)
+        races = _races(env.max_steps + 1, n, env.n_actions, generator)  # (T_max, n, A)
+        recorder = None
+        if rollout == "static":
+            states, actions = _static_rollout(
+                gflownet, env, current, races, conditions, epsilon, temperature,
+                static_steps if steps_fn is None else steps_fn, chunk,
+            )  # fmt: skip
         else:
-            raise RuntimeError(
-                f"{running.numel()} trajectories had not taken the exit action after "
-                f"env.max_steps={env.max_steps} steps of {type(env).__name__}; forward_mask "
-                "must allow only exit (the last action) once max_steps actions have been taken"
+            policy = getattr(gflownet, "policy", None)
+            recorder = (
+                _PassRecorder(policy, races.shape[:2], current.device)
+                if record_pass
+                and isinstance(policy, MLPPolicy)
+                and not torch.is_autocast_enabled(current.device.type)
+                else None
             )
-        n_steps = t + 1  # T
-        actions = actions[:n_steps]  # (T, n)
+            states, actions = _dynamic_rollout(
+                gflownet, env, current, races, conditions, epsilon, temperature,
+                from_s0=start_states is None, unique_states=unique_states, recorder=recorder,
+            )  # fmt: skip
         lengths = (actions != PAD_ACTION).sum(dim=0) - 1  # (n,)
-        terminal_states = states[lengths, torch.arange(n, device=device)]  # (n, *S)
-        # Rows after s_n were never written: pad them with the terminal state.
-        visited = torch.arange(n_steps + 1, device=device).unsqueeze(1) <= lengths  # (T+1, n)
-        visited = visited.view(*visited.shape, *([1] * len(env.state_shape)))
-        states = torch.where(visited, states[: n_steps + 1], terminal_states)  # (T + 1, n, *S)
+        terminal_states = states[-1]  # (n, *S): rows past s_n repeat the terminal state
         log_rewards = terminal_log_rewards(env, terminal_states, conditions)  # (n,)
     # Clones are ordinary tensors: usable in autograd and in-place outside inference mode.
     return Trajectories(
@@ -268,7 +409,199 @@ def sample_trajectories(
         terminal_states.clone(),
         log_rewards.clone(),
         None if conditions is None else conditions.clone(),
+        None if recorder is None else recorder.finish(actions.shape[0]),
     )
+
+
+class _PassRecorder:
+    """Collects a dynamic rollout's policy passes into a `SamplingPass`."""
+
+    def __init__(self, policy: MLPPolicy, shape: torch.Size, device: torch.device) -> None:
+        self.policy, self.versions = policy, _versions(policy)
+        self.rows = torch.full(shape, PAD_ACTION, dtype=torch.long, device=device)  # (T_max, n)
+        self.index = torch.arange(shape[1], device=device)  # (n,), row numbers to slice
+        self.states: list[Tensor] = []
+        self.masks: list[Tensor] = []
+        self.passes: list[MLPActivations] = []
+        self.n_rows = 0
+
+    def evaluate(
+        self, features: Tensor, states: Tensor, mask: Tensor, inverse: Tensor | None, n: int
+    ) -> tuple[PolicyOutput, Tensor]:
+        """The policy on `features` of the evaluated `states` ``(U, *S)``, recorded; and for
+        each of the `n` running trajectories its row in the recording, long ``(n,)``
+        (`inverse` maps trajectories to evaluated states; None: one each, or all at s0)."""
+        out, activations = self.policy.record(features)
+        u = states.shape[0]
+        if inverse is not None:
+            rows = inverse + self.n_rows
+        elif u == n:
+            rows = self.index[:n] + self.n_rows
+        else:  # one state for everyone (s0)
+            rows = self.index[:1].expand(n) + self.n_rows
+        self.states.append(states)
+        self.masks.append(mask)
+        self.passes.append(activations)
+        self.n_rows += u
+        return out, rows
+
+    def finish(self, n_steps: int) -> SamplingPass:
+        """The recording, for a batch of `n_steps` action rows; outside inference mode, so
+        its tensors are ordinary ones (autograd may save them)."""
+        return SamplingPass(
+            self.policy,
+            self.versions,
+            torch.cat(self.states),
+            self.rows[:n_steps].clone(),
+            torch.cat(self.masks),
+            MLPActivations.cat(self.passes),
+        )
+
+
+def _dynamic_rollout(
+    gflownet: GFlowNet,
+    env: Env,
+    current: Tensor,
+    races: Tensor,
+    conditions: Tensor | None,
+    epsilon: float,
+    temperature: float,
+    from_s0: bool,
+    unique_states: bool,
+    recorder: _PassRecorder | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Steps only the trajectories still running; states ``(T + 1, n, *S)`` (rows past s_n
+    repeat the terminal state) and actions ``(T, n)``.
+
+    The policy runs once per distinct state while states repeat: on one row at s0 (`from_s0`),
+    then, with `unique_states`, on the distinct running states for as long as deduplicating
+    saves a quarter of the rows and at least `DEDUP_MIN_SAVED` (early steps, where
+    trajectories share their first states).
+    """
+    n, stop, device = current.shape[0], env.stop_action, current.device
+    # One allocation each: at most max_steps + 1 actions and max_steps + 2 states.
+    states = current.new_empty((races.shape[0] + 1, *current.shape))  # (T_max + 1, n, *S)
+    actions = torch.full(races.shape[:2], PAD_ACTION, dtype=torch.long, device=device)
+    states[0] = current
+    running = None  # None while all n run (no index ops needed), then their indices
+    # States are rows of a hash only when conditions do not enter the policy's input.
+    dedup = unique_states and conditions is None and not current.is_floating_point()
+    for t in range(races.shape[0]):
+        if t == 0 and from_s0 and conditions is None:
+            evaluated, inverse = current[:1], None  # every trajectory is at s0
+        elif dedup:
+            evaluated, inverse = _unique_states(current)  # (U, *S), (n_running,)
+            saved = current.shape[0] - evaluated.shape[0]  # rows this deduplication saved
+            dedup = 4 * saved >= current.shape[0] and saved >= DEDUP_MIN_SAVED  # next step too?
+        else:
+            evaluated, inverse = current, None
+        features = policy_input(env.featurize(evaluated), conditions)
+        mask = env.forward_mask(evaluated)  # (U, A)
+        if recorder is None:
+            logits = gflownet(features).pf_logits  # (U, A)
+        else:
+            out, rows = recorder.evaluate(features, evaluated, mask, inverse, current.shape[0])
+            logits = out.pf_logits
+            if running is None:
+                recorder.rows[t] = rows
+            else:
+                recorder.rows[t, running] = rows
+        probs = _exploration_probs(logits, mask, epsilon, temperature)
+        if inverse is not None:
+            probs = probs[inverse]  # (n_running, A)
+        elif probs.shape[0] < current.shape[0]:
+            probs = probs.expand(current.shape[0], -1)  # (n, A), s0's row for everyone
+        chosen = _race(probs, races[t] if running is None else races[t, running])  # (n_running,)
+        if running is None:
+            actions[t] = chosen
+        else:
+            actions[t, running] = chosen
+        # Syncs with the host once per step: the loop must know who has exited.
+        moving = (chosen != stop).nonzero().squeeze(1)  # (n_moving,)
+        if moving.numel() == 0:
+            break
+        if moving.numel() < chosen.numel():  # some exited: shrink the batch
+            running = moving if running is None else running[moving]
+            current, chosen = current[moving], chosen[moving]
+            if conditions is not None:
+                conditions = conditions[moving]
+        current = env.step(current, chosen)
+        if running is None:
+            states[t + 1] = current
+        else:
+            states[t + 1, running] = current
+    else:
+        _raise_not_exited(env, n if running is None else running.numel())
+    n_steps = t + 1  # T
+    actions = actions[:n_steps]  # (T, n)
+    lengths = (actions != PAD_ACTION).sum(dim=0) - 1  # (n,)
+    terminal_states = states[lengths, torch.arange(n, device=device)]  # (n, *S)
+    # Rows after s_n were never written: fill them with the terminal state.
+    visited = torch.arange(n_steps + 1, device=device).unsqueeze(1) <= lengths  # (T + 1, n)
+    visited = visited.view(*visited.shape, *([1] * (current.dim() - 1)))
+    return torch.where(visited, states[: n_steps + 1], terminal_states), actions
+
+
+def _static_rollout(
+    gflownet: GFlowNet,
+    env: Env,
+    current: Tensor,
+    races: Tensor,
+    conditions: Tensor | None,
+    epsilon: float,
+    temperature: float,
+    steps_fn: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
+    """Steps every trajectory in lockstep, `chunk` steps per call of `steps_fn`
+    (`static_steps`); same outputs as `_dynamic_rollout`."""
+    n_steps = races.shape[0]  # T_max
+    done = torch.zeros(current.shape[0], dtype=torch.bool, device=current.device)  # (n,)
+    states, actions = [current.unsqueeze(0)], []
+    for start in range(0, n_steps, chunk):
+        chunk_races = races[start : start + chunk]  # (k, n, A)
+        if chunk_races.shape[0] < chunk:  # the last chunk: steps past T_max are all padding
+            chunk_races = F.pad(
+                chunk_races, (0, 0, 0, 0, 0, chunk - chunk_races.shape[0]), value=1.0
+            )
+        chunk_actions, chunk_states, done = steps_fn(
+            gflownet, env, current, done, chunk_races, conditions, epsilon, temperature
+        )
+        current = chunk_states[-1]
+        actions.append(chunk_actions)
+        states.append(chunk_states)  # a finished trajectory's rows repeat its terminal state
+        if done.all():  # syncs with the host
+            break
+    else:
+        _raise_not_exited(env, int((~done).sum()))
+    actions = torch.cat(actions)  # (k·chunks, n)
+    # T: the last row with an action (one more sync); later rows are padding of the chunk.
+    n_rows = int((actions != PAD_ACTION).any(dim=1).sum())
+    return torch.cat(states)[: n_rows + 1], actions[:n_rows]  # (T + 1, n, *S), (T, n)
+
+
+def _raise_not_exited(env: Env, n_running: int) -> None:
+    raise RuntimeError(
+        f"{n_running} trajectories had not taken the exit action after "
+        f"env.max_steps={env.max_steps} steps of {type(env).__name__}; forward_mask "
+        "must allow only exit (the last action) once max_steps actions have been taken"
+    )
+
+
+def compile_static_steps(device: torch.device) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """`static_steps` under ``torch.compile(fullgraph=True)``: one graph per chunk, no breaks;
+    on CUDA with ``mode="reduce-overhead"`` (CUDA graphs), its outputs cloned out of the
+    graph's memory, which the next replay reuses."""
+    if device.type != "cuda":
+        return torch.compile(static_steps, fullgraph=True, dynamic=False)
+    compiled = torch.compile(static_steps, fullgraph=True, dynamic=False, mode="reduce-overhead")
+
+    def steps(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()
+        actions, states, done = compiled(*args)
+        return actions.clone(), states.clone(), done.clone()
+
+    return steps
 
 
 def _unique_states(states: Tensor) -> tuple[Tensor, Tensor]:
@@ -312,24 +645,39 @@ def trajectory_log_probs(
     with zeros on padding. Exploration plays no part: these are the policy's own
     probabilities, whatever drew the actions. Turn `unique_states` off for a policy whose
     output for a row depends on the rest of the batch (batch norm) or on chance (dropout).
+    When the batch carries the policy's own sampling pass (`Trajectories.sampling_pass`) and
+    `gflownet`'s policy has not changed since, the trunk is not run again: the pass's outputs
+    are scored, and with autograd on their gradient flows back through the pass's recorded
+    activations (`MLPPolicy.replay`; the same backward over about the same rows).
+
     Syncs with the host (the number of visited and of distinct states).
     """
     actions = trajectories.actions  # (T, B)
     n_steps, batch = actions.shape
     visited = trajectories.state_mask()  # (T, B)
-    flat_states = trajectories.states[:n_steps][visited]  # (N, *S)
     flat_actions = actions[visited]  # (N,)
-    conditions = trajectories.conditions
-    if conditions is not None:  # a state's output depends on its row's condition
-        conditions = conditions.unsqueeze(0).expand(n_steps, *conditions.shape)[visited]  # (N, C)
-        unique_states = False
-    if unique_states:
-        states, inverse = _unique_states(flat_states)  # (U, *S), (N,)
+    recorded = trajectories.sampling_pass
+    if recorded is not None and recorded.serves(gflownet):
+        states, inverse = recorded.states, recorded.rows[visited]  # (U, *S), (N,)
+        policy = recorded.policy
+        out = policy.replay(recorded.activations) if torch.is_grad_enabled() else None
+        if out is None:
+            out = policy.split_heads(recorded.activations.output)
+        forward_mask = recorded.forward_mask  # (U, A)
     else:
-        states, inverse = flat_states, torch.arange(len(flat_states), device=actions.device)
-    out = gflownet(policy_input(env.featurize(states), conditions))
+        flat_states = trajectories.states[:n_steps][visited]  # (N, *S)
+        conditions = trajectories.conditions
+        if conditions is not None:  # a state's output depends on its row's condition
+            conditions = conditions.unsqueeze(0).expand(n_steps, *conditions.shape)[visited]
+            unique_states = False
+        if unique_states:
+            states, inverse = _unique_states(flat_states)  # (U, *S), (N,)
+        else:
+            states, inverse = flat_states, torch.arange(len(flat_states), device=actions.device)
+        out = gflownet(policy_input(env.featurize(states), conditions))
+        forward_mask = env.forward_mask(states)  # (U, A)
 
-    log_pf_all = masked_log_softmax(out.pf_logits, env.forward_mask(states))  # (U, A)
+    log_pf_all = masked_log_softmax(out.pf_logits, forward_mask)  # (U, A)
     flat_log_pf = log_pf_all[inverse, flat_actions]  # (N,)
     log_pf = _scatter_visited(flat_log_pf, visited)  # (T, B)
 

@@ -38,14 +38,14 @@ from gfn.local_search import LocalSearch, refine
 from gfn.losses import GFlowNetLoss, get_loss, loss_from_config
 from gfn.policies import GFlowNet, MLPPolicy, masked_log_softmax, policy_input
 from gfn.replay import ReplayBuffer
-from gfn.sampler import Trajectories, sample_trajectories
+from gfn.sampler import ROLLOUTS, Trajectories, compile_static_steps, sample_trajectories
 from gfn.state_dag import has_modes, implements, is_enumerable
 from kinetic import distributed
 from kinetic.checkpoint import CheckpointError, check_state_shapes
 from kinetic.device import resolve_device
 from kinetic.errors import ConfigError, call_with_config
 from kinetic.task import Task
-from kinetic.validate import check_probability
+from kinetic.validate import check_choice, check_int, check_probability
 
 
 def build_env(cfg: DictConfig) -> Env:
@@ -158,6 +158,13 @@ class GFlowNetTask(Task):
             greedily) and the step trains on the batch and its refined trajectories; every
             proposal counts as a sampled trajectory (`items_per_step`) and marks the terminal
             states it reached as visited. None or 0 refinements: off.
+        rollout: ``"dynamic"`` (steps only running trajectories, once per distinct state
+            while many share one; the fastest eager sampler) or ``"static"`` (lockstep in
+            fixed shapes: compiles whole, and runs under CUDA graphs); the same trajectories
+            either way (`gfn.sampler.sample_trajectories`).
+        rollout_chunk: the static rollout's lockstep steps per call (per compiled graph).
+        compile_rollout: run the static rollout's chunks through
+            ``torch.compile(fullgraph=True)`` (``mode="reduce-overhead"`` on CUDA).
     """
 
     per_rank_state = ("visited", "found_targets", "replay")  # the weights are shared
@@ -186,6 +193,9 @@ class GFlowNetTask(Task):
         replay_fraction: float = 0.0,
         seed: int = 0,
         local_search: LocalSearch | None = None,
+        rollout: str = "dynamic",
+        rollout_chunk: int = 8,
+        compile_rollout: bool = False,
     ) -> None:
         self.env = env
         self.model = model
@@ -198,6 +208,18 @@ class GFlowNetTask(Task):
         self.batch_size = batch_size  # global: split over the ranks of a distributed run
         self.local_batch_size = distributed.per_rank(batch_size, "task.batch_size")
         self.epsilon, self.temperature = epsilon, temperature
+        # Whether the loss scores log-probabilities (`trajectory_log_probs`), which a batch's
+        # recorded sampling pass can serve.
+        self.scores_log_probs = not ({"edge_flows", "exit_scores"} & set(loss.needs))
+        self.rollout = check_choice("task.rollout", rollout, ROLLOUTS)
+        self.rollout_chunk = check_int("task.rollout_chunk", rollout_chunk, 1)
+        if compile_rollout and rollout != "static":
+            raise ConfigError(
+                "compile_rollout compiles the static rollout's lockstep steps; set "
+                f"rollout='static' (got rollout={rollout!r}) or compile_rollout=False"
+            )
+        # The static rollout's chunk of steps, compiled whole (None: eager `static_steps`).
+        self.steps_fn = compile_static_steps(env.s0.device) if compile_rollout else None
         self.log_z_lr = log_z_lr
         self.log_z_beta3 = log_z_beta3
         device = self.env.s0.device
@@ -262,7 +284,10 @@ class GFlowNetTask(Task):
         model = GFlowNet(policy, log_z_init=tc.log_z_init, condition_dim=env.condition_dim).to(
             device
         )
-        if cfg.get("compile", False):
+        # compile: the static rollout's chunk of steps when the rollout is static (fixed
+        # shapes, one graph), else the policy (dynamic shapes: a different batch every step).
+        compile_rollout = bool(cfg.get("compile", False)) and tc.rollout == "static"
+        if cfg.get("compile", False) and not compile_rollout:
             model.policy.compile(dynamic=True)  # in place: the state dict keeps its keys
         replay = None
         if tc.replay.capacity > 0 and tc.replay.fraction > 0:
@@ -274,7 +299,8 @@ class GFlowNetTask(Task):
             log_z_beta3=tc.get("log_z_beta3"),
             epsilon=tc.epsilon, temperature=tc.temperature, eval_samples=tc.eval_samples,
             replay=replay, replay_fraction=tc.replay.fraction, seed=cfg.seed,
-            local_search=LocalSearch(**tc.local_search),
+            local_search=LocalSearch(**tc.local_search), rollout=tc.rollout,
+            rollout_chunk=tc.rollout_chunk, compile_rollout=compile_rollout,
         )  # fmt: skip
         task.run_dir = None if run_dir is None else Path(run_dir)
         return task
@@ -294,7 +320,18 @@ class GFlowNetTask(Task):
         model = self.train_module() if model is None else model
         # Off-policy share of the batch: as many replayed trajectories as the buffer can give.
         n_old = 0 if self.replay is None else min(self.n_replay, len(self.replay))
-        batch = self.sample(self.local_batch_size - n_old, self.generator, explore=True)
+        # A batch that is exactly what the sampler drew, scored through the task's own model,
+        # is scored from the sampling pass (no second forward pass of the policy).
+        record_pass = (
+            self.scores_log_probs
+            and n_old == 0
+            and self.local_search is None
+            and model is self.model
+            and distributed.world_size() == 1
+        )
+        batch = self.sample(
+            self.local_batch_size - n_old, self.generator, explore=True, record_pass=record_pass
+        )
         drawn = [batch]
         acceptance = None
         if self.local_search is not None:
@@ -321,11 +358,19 @@ class GFlowNetTask(Task):
             scalars["train/log_z"] = log_z.detach().mean()  # the batch's mean log Z(c)
         return loss, scalars
 
-    def sample(self, n: int, generator: torch.Generator, explore: bool = False) -> Trajectories:
+    def sample(
+        self, n: int, generator: torch.Generator, explore: bool = False, record_pass: bool = False
+    ) -> Trajectories:
         """`n` trajectories of the current policy (with the task's exploration if `explore`),
-        without autograd: the one sampler the loss, the probe and the evaluation call."""
+        without autograd: the one sampler the loss, the probe and the evaluation call. With
+        `record_pass` the batch keeps the policy's pass for the loss to score from
+        (`gfn.sampler.SamplingPass`)."""
         epsilon, temperature = (self.epsilon, self.temperature) if explore else (0.0, 1.0)
-        return sample_trajectories(self.model, self.env, n, generator, epsilon, temperature)
+        return sample_trajectories(
+            self.model, self.env, n, generator, epsilon, temperature,
+            rollout=self.rollout, steps_fn=self.steps_fn, chunk=self.rollout_chunk,
+            record_pass=record_pass,
+        )  # fmt: skip
 
     def _mark_drawn(self, terminal_states: Tensor) -> None:
         """Record terminal states the run has drawn (visited states, targets hit), without a
@@ -524,9 +569,12 @@ class ContinuousGFlowNetTask(GFlowNetTask):
         super().__init__(env, model, loss, **kwargs)
         self.last_samples: Tensor | None = None
 
-    def sample(self, n: int, generator: torch.Generator, explore: bool = False) -> Trajectories:
+    def sample(
+        self, n: int, generator: torch.Generator, explore: bool = False, record_pass: bool = False
+    ) -> Trajectories:
         """`n` trajectories of the current policy (no exploration: the constructor refused it),
-        in chunks of `EVAL_CHUNK` (an evaluation draws hundreds of thousands)."""
+        in chunks of `EVAL_CHUNK` (an evaluation draws hundreds of thousands); no recorded
+        pass (`record_pass` is ignored: the density scorer evaluates the policy itself)."""
         chunks = [
             sample_continuous(self.model, self.env, min(EVAL_CHUNK, n - start), generator)
             for start in range(0, n, EVAL_CHUNK)
