@@ -2,52 +2,64 @@
 """Trajectories per second of a full GFlowNet training iteration, kinetic against torchgfn,
 and how far that iteration is from this machine's matmul rate.
 
-One iteration is sample + trajectory-balance loss + backward + optimizer step on HyperGrid
-(8^2, 8^4, 20^4) at batch 16 and 256: 256x2 MLP, P_B a head on the shared trunk, AdamW lr
-1e-3 with log Z at lr 0.1 and a constant lr (torchgfn's settings), on-policy, `--threads`
-intra-op threads (default 1; printed with every table). kinetic runs in this process through
-the code path of `python train.py`: the Hydra-composed config, `GFlowNetTask`,
-`build_optimizer`, and `kinetic.train` with the config's `monitor` group (`monitor=default`:
-the non-finite guard, the per-step stability signals and the periodic sharpness probe), its
-`train.log_every` scalar reads and its `train.clip_grad_norm`, without evaluation, files or
-progress bar. Each run is one call of the loop, so the periodic work falls on the steps it
-would in a `python train.py` run of that length. A second kinetic row, "monitors off", runs
-the same config with `monitor=off`, so the monitors' cost is the difference of the two rows.
-torchgfn 2.4.1 runs `benchmarks/torchgfn_peer.py` in its own virtual environment (its import
-name `gfn` clashes with kinetic's), driven over a pipe. All train for the same trajectory
-budget in interleaved chunks (the other runs train while kinetic's loop waits in a callback,
-which is not timed), so drift in the machine's speed hits them alike.
+One iteration is sample + trajectory-balance loss + backward + optimizer step, on HyperGrid
+(default 8^4, batch 16 and 256) and on bit sequences (default 32 bits written 4 at a time, 16
+targets, batch 16): 256x2 MLP, P_B a head on the shared trunk, AdamW lr 1e-3 with log Z at lr
+0.1 and a constant lr (torchgfn's settings), on-policy, `--threads` intra-op threads (default
+1; printed with every table). kinetic runs in this process through the code path of
+`python train.py`: the Hydra-composed config, `GFlowNetTask`, `build_optimizer`, and
+`kinetic.train` with the config's `monitor` group (`monitor=default`: the non-finite guard, the
+per-step stability signals and the periodic sharpness probe), its `train.log_every` scalar
+reads and its `train.clip_grad_norm`, without evaluation, files or progress bar. Each run is
+one call of the loop, so the periodic work falls on the steps it would in a `python train.py`
+run of that length. The kinetic rows (`--variants`): "kinetic", the default config; "kinetic
+monitors off", `monitor=off` (the monitors' cost is the difference); "kinetic static
+compiled", `task.rollout=static compile=true` (the lockstep rollout, compiled whole; its
+compile time falls in the warm-up). torchgfn 2.4.1 runs `benchmarks/torchgfn_peer.py` in its
+own virtual environment (its import name `gfn` clashes with kinetic's), driven over a pipe, on
+its own HyperGrid or BitSequence (with kinetic's targets and state encoding). All train for the
+same trajectory budget in interleaved chunks, the order alternating from chunk to chunk (the
+other runs train while kinetic's loop waits in a callback, which is not timed), so drift in the
+machine's speed hits them alike.
 
 Per-iteration times leave out `--warmup` iterations. "mean" is the mean over every other
 iteration, the periodic ones (sharpness probe, logging) included: the throughput a run gets;
-"median" is the typical iteration, which hides the periodic work. After the budget, the
-forward policies are tabulated on every grid state and scored by kinetic's exact evaluator
-(`gfn.evaluation`): L1 = sum_x |p(x) - p*(x)|, in [0, 2].
+"median" is the typical iteration, which hides the periodic work. After the budget, every
+run's forward policy is scored by kinetic's evaluator, the same for all: on HyperGrid the
+exact terminal distribution of its P_F on every grid state (`gfn.evaluation`), L1 =
+sum_x |p(x) - p*(x)| in [0, 2]; on bit sequences the Spearman correlation between log P_T
+(summed along each string's one trajectory) and log R over the environment's test set
+(`BitSequence.sampled_metrics`), higher is better. kinetic's figure is checked against the
+task's own evaluation.
 
 The limit: the rows that go through the MLP's linear layers (trunk and fused heads) are
-counted in the run itself, per call of the policy: sampling's calls (no autograd) and the
-loss's (taped, so backpropagated). FLOPs of an iteration = sum over calls and layers of
-2 rows in out (forward) plus, for the loss's calls, 2 rows in out for the weight gradient and
-2 rows in out for the input gradient (every layer but the first, whose input needs none);
-bias adds and everything but these matmuls are left out, as are the sharpness probe's
-Hessian-vector products (its steps are left out of the limit's figures). Then, in the same
-process, the matmuls of sampled iterations are replayed alone at exactly those shapes
+counted in the run itself, per pass of the policy: forward passes (sampling, and the loss
+when it evaluates the policy again) and backward passes (the loss's, including the backward
+through the sampling pass that an on-policy batch is scored from). FLOPs of an iteration =
+sum over passes and layers of 2 rows in out (forward) or 2 rows in out for the weight gradient
+plus 2 rows in out for the input gradient (backward; every layer but the first, whose input
+needs none); bias adds and everything but these matmuls are left out, as are the sharpness
+probe's Hessian-vector products (its steps are left out of the limit's figures). Then, in the
+same process, the matmuls of sampled iterations are replayed alone at exactly those shapes
 (`F.linear` forward, `mm` for the two backward products, fp32, the same threads; best of 3),
 whose GFLOP/s is the machine's matmul rate at these shapes, and a 2048^3 matmul gives the
 machine's peak at this thread count. Printed: the rows and FLOPs per iteration, its achieved
-GFLOP/s, the rate at its shapes, the share of its time its matmuls alone need (achieved over
-the rate at its shapes: its fraction of the machine's matmul rate at these shapes), and its
-fraction of the 2048^3 peak.
+GFLOP/s, the rate at its shapes, the share of its time its matmuls alone need, and its
+fraction of the 2048^3 peak. The floor is the first kinetic row's matmuls alone: the FLOPs
+the default configuration needs (each distinct state once per sampling step while states
+repeat, no second forward pass in the loss), at this machine's rate for their shapes; "x floor"
+is every row's mean iteration over it.
 
     python3 -m venv /work/peer-venv
     /work/peer-venv/bin/pip install torch==2.13.0 torchgfn==2.4.1   # CPU torch
     python benchmarks/gfn_throughput.py --peer-python /work/peer-venv/bin/python
     python benchmarks/gfn_throughput.py                      # kinetic only
-    python benchmarks/gfn_throughput.py --grids 4x8 --batch-sizes 16 --budget 16=32000
-    python benchmarks/gfn_throughput.py --profile 4x8:16 --profile 4x8:256  # kinetic only
+    python benchmarks/gfn_throughput.py --envs 4x8 --batch-sizes 16 --budget 16=32000
+    python benchmarks/gfn_throughput.py --profile 4x8:16 --profile bitseq:32:4:16  # kinetic only
 
 The speed-up is torchgfn's ms/iter over kinetic's (= the ratio of trajectories/s), of the
-means and of the medians.
+means and of the medians. `--profile` prints where kinetic's iteration spends its time
+(phases, aten operators per iteration, top ops, top Python functions).
 """
 
 from __future__ import annotations
@@ -69,7 +81,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +99,7 @@ import diffusion.config  # noqa: F401  (registers task=ddpm)
 import gfn.config
 import gfn.losses
 import gfn.task
+from envs.bitseq import BitSequence
 from envs.hypergrid import HyperGrid
 from gfn.evaluation import exact_terminal_distribution, l1_distance, true_terminal_distribution
 from gfn.policies import MLPPolicy, masked_log_softmax
@@ -96,7 +109,12 @@ from optim import build_optimizer
 
 PEER_SCRIPT = Path(__file__).with_name("torchgfn_peer.py")
 DEFAULT_BUDGETS = {16: 32_000, 256: 64_000}  # trajectories per run, by batch size
-MONITORS = {"kinetic": "default", "kinetic monitors off": "off"}  # row -> monitor config
+# Rows of the table: kinetic variant -> (monitor config, extra overrides).
+VARIANTS = {
+    "kinetic": ("default", ()),
+    "kinetic monitors off": ("off", ()),
+    "kinetic static compiled": ("default", ("task.rollout=static", "compile=true")),
+}
 PEAK_SIZE = 2048  # the square matmul that stands for the machine's peak
 
 
@@ -104,8 +122,7 @@ PEAK_SIZE = 2048  # the square matmul that stands for the machine's peak
 
 
 def kinetic_config(
-    ndim: int,
-    height: int,
+    env: tuple[str, ...],
     batch_size: int,
     steps: int,
     optim: str,
@@ -113,16 +130,15 @@ def kinetic_config(
     extra: tuple[str, ...] = (),
     monitor: str = "default",
 ) -> DictConfig:
-    """The config `python train.py` would compose, with the benchmark's settings pinned
-    (torchgfn's: lr 1e-3, log Z lr 0.1, no lr schedule); everything else, the monitors and
-    gradient clipping included, is the config's default. `extra` overrides go last (e.g.
-    ``+optim.fused=true`` to try a change)."""
+    """The config `python train.py` would compose for the environment overrides `env`
+    (`EnvSpec.overrides`), with the benchmark's settings pinned (torchgfn's: lr 1e-3, log Z lr
+    0.1, no lr schedule); everything else, the monitors and gradient clipping included, is the
+    config's default. `extra` overrides go last (e.g. ``+optim.fused=true`` to try a change)."""
     overrides = [
+        *env,
         f"optim={optim}",
         "optim.lr=1e-3",
         "loss=tb",
-        f"env.ndim={ndim}",
-        f"env.height={height}",
         f"task.batch_size={batch_size}",
         "task.log_z_lr=0.1",
         "task.epsilon=0.0",
@@ -190,34 +206,33 @@ class KineticRun:
         return self.ms[first:]
 
     @torch.no_grad()
-    def log_pf_table(self) -> Tensor:
-        """P_F's masked log-probs on every grid state, rows in `env.state_index` order."""
+    def log_pf_fn(self, states: Tensor) -> Tensor:
+        """P_F's masked log-probs on `states`, ``(N, A)``."""
         env = self.task.env
-        states = env.enumerate_terminals()  # every HyperGrid state is terminal
         logits = self.task.model(env.featurize(states)).pf_logits
-        table = masked_log_softmax(logits, env.forward_mask(states))  # (N, A)
-        return table.new_empty(table.shape).index_copy_(0, env.state_index(states), table)
+        return masked_log_softmax(logits, env.forward_mask(states))
 
 
 # --- the limit: FLOPs and matmul rate ----------------------------------------------------
 
 
 class RowCounter:
-    """The rows of every call of an `MLPPolicy`, from the run itself.
+    """The rows of every pass of an `MLPPolicy`, from the run itself.
 
     The policy applies each of its linear layers (the trunk's, then the fused heads) once to
-    every row of its input, so a call's matmuls are fixed by its row count; a call made with
-    autograd on is backpropagated by the loss. Wraps the policy's `forward` (one Python call
-    and a list append per call: cheaper than a module hook). Each call is recorded as
-    ``(rows, taped, input_needs_grad)``."""
+    every row of its input, so a pass's matmuls are fixed by its row count. Wraps the policy's
+    `forward` (taped when autograd is on: the loss backpropagates it), `record` (the sampler's
+    forward pass that the loss then backpropagates with `replay`) and `replay` (a backward
+    pass without a forward); one Python call and a list append per call, cheaper than a module
+    hook. Each pass is recorded as ``(rows, forward, backward, input_needs_grad)``."""
 
     def __init__(self, policy: MLPPolicy) -> None:
         if not isinstance(policy, MLPPolicy):
             raise TypeError(f"RowCounter counts an MLPPolicy's rows, not a {type(policy)}")
         self.layers = [(m.in_features, m.out_features) for m in (*policy.trunk, policy.heads)]
-        self.calls: list[tuple[int, bool, bool]] = []
+        self.calls: list[tuple[int, bool, bool, bool]] = []
         self._paused = False
-        forward = policy.forward
+        forward, record, replay = policy.forward, policy.record, policy.replay
 
         @functools.wraps(forward)
         def counted(features: Tensor):
@@ -226,19 +241,31 @@ class RowCounter:
             if not self._paused and not torch.compiler.is_compiling():
                 taped = torch.is_grad_enabled()
                 rows = features.numel() // features.shape[-1]
-                self.calls.append((rows, taped, taped and features.requires_grad))
+                self.calls.append((rows, True, taped, taped and features.requires_grad))
             return forward(features)
 
-        policy.forward = counted
+        @functools.wraps(record)
+        def counted_record(features: Tensor):
+            if not self._paused:
+                self.calls.append((features.shape[0], True, False, False))
+            return record(features)
+
+        @functools.wraps(replay)
+        def counted_replay(activations):
+            if not self._paused and torch.is_grad_enabled():
+                self.calls.append((activations.output.shape[0], False, True, False))
+            return replay(activations)
+
+        policy.forward, policy.record, policy.replay = counted, counted_record, counted_replay
 
     def count_static_steps(self, steps_fn: Callable) -> Callable:
         """`steps_fn` (a compiled `gfn.sampler.static_steps`) recording its k calls of the
-        policy on n rows each, as sampling calls (no autograd)."""
+        policy on n rows each, as forward passes without autograd."""
 
         @functools.wraps(steps_fn)
         def counted(gflownet, env, states, done, races, *args):
             if not self._paused:
-                self.calls.extend([(states.shape[0], False, False)] * races.shape[0])
+                self.calls.extend([(states.shape[0], True, False, False)] * races.shape[0])
             return steps_fn(gflownet, env, states, done, races, *args)
 
         return counted
@@ -252,22 +279,20 @@ class RowCounter:
         finally:
             self._paused = before
 
-    def flops(self, calls: list[tuple[int, bool, bool]]) -> dict[str, int]:
-        """FLOPs of `calls`' matmuls: sampling's forward (calls without autograd), the loss's
-        forward and the loss's backward (weight gradients, and input gradients of every layer
-        whose input needs one), and the rows of each kind."""
+    def flops(self, calls: list[tuple[int, bool, bool, bool]]) -> dict[str, int]:
+        """FLOPs of `calls`' matmuls: forward passes, and backward passes (weight gradients,
+        and input gradients of every layer whose input needs one), and the rows of each."""
         per_row = sum(2 * n_in * n_out for n_in, n_out in self.layers)
         first = 2 * self.layers[0][0] * self.layers[0][1]
-        out = {"sample_rows": 0, "loss_rows": 0, "sample": 0, "loss_fwd": 0, "loss_bwd": 0}
-        for rows, taped, input_grad in calls:
-            if not taped:
-                out["sample_rows"] += rows
-                out["sample"] += rows * per_row
-                continue
-            out["loss_rows"] += rows
-            out["loss_fwd"] += rows * per_row
-            out["loss_bwd"] += rows * (2 * per_row - (0 if input_grad else first))
-        out["total"] = out["sample"] + out["loss_fwd"] + out["loss_bwd"]
+        out = {"forward_rows": 0, "backward_rows": 0, "forward": 0, "backward": 0}
+        for rows, forward, backward, input_grad in calls:
+            if forward:
+                out["forward_rows"] += rows
+                out["forward"] += rows * per_row
+            if backward:
+                out["backward_rows"] += rows
+                out["backward"] += rows * (2 * per_row - (0 if input_grad else first))
+        out["total"] = out["forward"] + out["backward"]
         return out
 
 
@@ -286,16 +311,17 @@ class MatmulReplay:
             for n_in, n_out in layers
         ]
 
-    def run(self, calls: list[tuple[int, bool, bool]]) -> None:
-        for rows, taped, input_grad in calls:
+    def run(self, calls: list[tuple[int, bool, bool, bool]]) -> None:
+        for rows, forward, backward, input_grad in calls:
             for i, (x, w, b, g) in enumerate(self.tensors):
-                F.linear(x[:rows], w, b)  # forward: addmm(b, x, W^T), as the policy calls it
-                if taped:
+                if forward:
+                    F.linear(x[:rows], w, b)  # addmm(b, x, W^T), as the policy calls it
+                if backward:
                     x[:rows].t().mm(g[:rows])  # weight gradient, as addmm's backward forms it
                     if i > 0 or input_grad:
                         g[:rows].mm(w)  # input gradient
 
-    def seconds(self, calls: list[tuple[int, bool, bool]], reps: int = 3) -> float:
+    def seconds(self, calls: list[tuple[int, bool, bool, bool]], reps: int = 3) -> float:
         """Best of `reps` wall seconds of `run(calls)` (after one untimed run)."""
         self.run(calls)
         best = math.inf
@@ -334,7 +360,7 @@ def limit(run: KineticRun, warmup: int, samples: int) -> dict[str, float]:
     result = {k: sum(c[k] for c in counts.values()) / n for k in counts[steps[0]]}
     result["gflops"] = result["total"] * n / (sum(run.ms[i] for i in steps) / 1e3) / 1e9
     picked = sorted({steps[round(j * (n - 1) / max(samples - 1, 1))] for j in range(samples)})
-    max_rows = max(rows for i in picked for rows, _, _ in calls[i])
+    max_rows = max(rows for i in picked for rows, *_ in calls[i])
     replay = MatmulReplay(run.rows.layers, max_rows)
     seconds = sum(replay.seconds(calls[i]) for i in picked)
     result["shapes_gflops"] = sum(counts[i]["total"] for i in picked) / seconds / 1e9
@@ -349,16 +375,31 @@ def limit(run: KineticRun, warmup: int, samples: int) -> dict[str, float]:
 class Peer:
     """`torchgfn_peer.py` under the peer's Python, one JSON request and reply per line."""
 
-    def __init__(self, python: str, cfg: DictConfig, threads: int) -> None:
+    def __init__(self, python: str, cfg: DictConfig, threads: int, env: Any = None) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        if isinstance(env, BitSequence):  # the same targets as kinetic's run
+            targets = Path(self.tmp.name) / "targets.pt"
+            torch.save(env.targets.cpu(), targets)
+            env_args = [
+                "--env=bitseq",
+                f"--n-bits={env.n}",
+                f"--word-size={env.k}",
+                f"--temperature={env.temperature}",
+                f"--targets={targets}",
+            ]
+        else:
+            env_args = [
+                f"--ndim={cfg.env.ndim}",
+                f"--height={cfg.env.height}",
+                f"--R0={cfg.env.R0}",
+                f"--R1={cfg.env.R1}",
+                f"--R2={cfg.env.R2}",
+            ]
         command = [
             python,
             str(PEER_SCRIPT),
-            f"--ndim={cfg.env.ndim}",
-            f"--height={cfg.env.height}",
+            *env_args,
             f"--batch-size={cfg.task.batch_size}",
-            f"--R0={cfg.env.R0}",
-            f"--R1={cfg.env.R1}",
-            f"--R2={cfg.env.R2}",
             f"--hidden={cfg.model.hidden}",
             f"--n-layers={cfg.model.n_layers}",
             f"--lr={cfg.optim.lr}",
@@ -391,54 +432,105 @@ class Peer:
         with contextlib.suppress(BrokenPipeError):
             self.request_quit()
         self.process.wait(timeout=30)
+        self.tmp.cleanup()
 
     def request_quit(self) -> None:
         self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
         self.process.stdin.close()
 
 
-def peer_log_pf_table(peer: Peer, env: HyperGrid) -> Tensor:
-    """torchgfn's P_F on every grid state, rows in `env.state_index` order, after checking
-    that its states, masks and rewards follow kinetic's HyperGrid conventions."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "peer_log_pf.pt"
-        peer.request(cmd="dump", path=str(path))
-        dump = torch.load(path)
-    states, log_pf = dump["states"], dump["log_pf"]  # (N, D), (N, A)
-    index = env.state_index(states)
-    if not torch.equal(index.sort().values, torch.arange(env.n_terminals)):
-        raise RuntimeError("torchgfn's state table does not cover the grid exactly once")
-    # Actions 0..D-1 increment a coordinate and D exits in both: the illegal entries must agree.
-    if not torch.equal(torch.isfinite(log_pf), env.forward_mask(states)):
-        raise RuntimeError("torchgfn's forward masks differ from kinetic's HyperGrid")
-    log_r = env.log_reward(states)
-    if not torch.allclose(dump["log_rewards"], log_r, atol=1e-5):
-        bad = int((~torch.isclose(dump["log_rewards"], log_r, atol=1e-5)).sum())
-        raise RuntimeError(f"torchgfn's HyperGrid reward differs from kinetic's on {bad} states")
-    return log_pf.new_empty(log_pf.shape).index_copy_(0, index, log_pf)
-
-
-# --- exact L1 -------------------------------------------------------------------------------
-
-
-def exact_l1(env: HyperGrid, table: Tensor) -> float:
-    """Full L1 between the terminal distribution of the tabulated P_F and R/Z*."""
+def peer_log_pf_fn(peer: Peer, env: HyperGrid | BitSequence) -> Callable[[Tensor], Tensor]:
+    """torchgfn's P_F as a function of kinetic states ``(N, *S)`` -> ``(N, A)`` masked
+    log-probs, after checking on the states it is asked about that its masks (and, for
+    terminal HyperGrid states, its rewards) follow kinetic's conventions."""
 
     def log_pf_fn(states: Tensor) -> Tensor:
-        return table[env.state_index(states)]  # (B, A)
+        with tempfile.TemporaryDirectory() as tmp:
+            path, out = Path(tmp) / "states.pt", Path(tmp) / "log_pf.pt"
+            torch.save(states.cpu(), path)
+            peer.request(cmd="dump_states", path=str(path), out=str(out))
+            log_pf = torch.load(out)  # (N, A)
+        # Actions: the same indices in both (the last is exit); the illegal entries must agree.
+        if not torch.equal(torch.isfinite(log_pf), env.forward_mask(states)):
+            raise RuntimeError(f"torchgfn's forward masks differ from kinetic's {env!r}")
+        return log_pf
 
-    _, p = exact_terminal_distribution(env, log_pf_fn)
-    p_star, _ = true_terminal_distribution(env)
-    return float(l1_distance(p, p_star))
+    if isinstance(env, HyperGrid):  # its reward, checked once on the whole grid
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "peer_log_pf.pt"
+            peer.request(cmd="dump", path=str(path))
+            dump = torch.load(path)
+        log_r = env.log_reward(dump["states"])
+        if not torch.allclose(dump["log_rewards"], log_r, atol=1e-5):
+            bad = int((~torch.isclose(dump["log_rewards"], log_r, atol=1e-5)).sum())
+            raise RuntimeError(f"torchgfn's HyperGrid reward is not kinetic's at {bad} states")
+    return log_pf_fn
+
+
+# --- final error ----------------------------------------------------------------------------
+
+
+def spec_metric(spec: EnvSpec) -> str:
+    """The figure a run is scored by: exact L1 on HyperGrid, the test-set Spearman correlation
+    of log P_T with log R on bit sequences (higher is better)."""
+    return "l1" if spec.kind == "hypergrid" else "spearman_test"
+
+
+def final_error(spec: EnvSpec, env: Any, log_pf_fn: Callable[[Tensor], Tensor]) -> float:
+    """`spec_metric` of the policy whose masked log P_F on a batch of states is `log_pf_fn`,
+    by kinetic's evaluator: the exact terminal distribution (HyperGrid, L1 = sum|p - p*|), or
+    log P_T of each test string summed along its one trajectory (`BitSequence`)."""
+    if spec.kind == "hypergrid":
+        states = env.enumerate_terminals()  # every HyperGrid state is terminal
+        table = log_pf_fn(states)  # (N, A)
+        table = table.new_empty(table.shape).index_copy_(0, env.state_index(states), table)
+        _, p = exact_terminal_distribution(env, lambda s: table[env.state_index(s)])
+        p_star, _ = true_terminal_distribution(env)
+        return float(l1_distance(p, p_star))
+
+    def log_p_terminal(strings: Tensor) -> Tensor:  # (M, n/k) complete strings -> (M,)
+        n_words = strings.shape[1]
+        slots = torch.arange(n_words)
+        # Prefix t of each string: its first t words, the rest empty; t = n/k is the string.
+        prefixes = torch.where(
+            slots < torch.arange(n_words + 1).unsqueeze(1).unsqueeze(2), strings, -1
+        )  # (n/k + 1, M, n/k)
+        log_pf = log_pf_fn(prefixes.flatten(0, 1)).view(n_words + 1, len(strings), -1)
+        words = torch.cat([strings.T, torch.full((1, len(strings)), env.stop_action)])
+        return log_pf.gather(2, words.unsqueeze(2)).squeeze(2).sum(dim=0)  # (M,)
+
+    return env.sampled_metrics(env.test_set[:1], log_p_terminal)["spearman_test"]
 
 
 # --- the benchmark --------------------------------------------------------------------------
 
 
-def parse_grid(text: str) -> tuple[int, int]:
-    """`4x8` -> (ndim=4, height=8)."""
-    ndim, height = (int(part) for part in text.lower().split("x"))
-    return ndim, height
+class EnvSpec(NamedTuple):
+    """A benchmarked environment: HyperGrid ``NDIMxHEIGHT`` (scored by exact L1) or bit
+    sequences ``bitseq:N:K`` (N bits, K per word, 16 targets; scored by the test-set Spearman
+    correlation of log P_T with log R)."""
+
+    kind: str  # hypergrid | bitseq
+    a: int  # ndim | n bits
+    b: int  # height | bits per word
+
+    @staticmethod
+    def parse(text: str) -> EnvSpec:
+        if text.startswith("bitseq:"):
+            n, k = (int(part) for part in text.split(":")[1:])
+            return EnvSpec("bitseq", n, k)
+        ndim, height = (int(part) for part in text.lower().split("x"))
+        return EnvSpec("hypergrid", ndim, height)
+
+    @property
+    def label(self) -> str:
+        return f"{self.b}^{self.a}" if self.kind == "hypergrid" else f"bits{self.a}/{self.b}"
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        if self.kind == "hypergrid":
+            return ("env=hypergrid", f"env.ndim={self.a}", f"env.height={self.b}")
+        return ("env=bitseq", f"env.n={self.a}", f"env.k={self.b}", "env.n_targets=16")
 
 
 def chunks(total: int, n: int) -> list[int]:
@@ -457,9 +549,7 @@ def timing(ms: list[float], warmup: int) -> dict[str, float]:
     }
 
 
-def benchmark_one(
-    ndim: int, height: int, batch_size: int, budget: int, args: argparse.Namespace
-) -> dict:
+def benchmark_one(spec: EnvSpec, batch_size: int, budget: int, args: argparse.Namespace) -> dict:
     """Train every run for `budget` trajectories in interleaved chunks; time and score them.
 
     kinetic's default run trains in one call of the loop; after each of its chunks, its
@@ -468,14 +558,21 @@ def benchmark_one(
     if iters <= args.warmup:
         raise ValueError(f"budget {budget} gives {iters} iterations, not more than the warm-up")
     extra = tuple(args.override)
+    if spec.kind == "bitseq":  # every string takes n/k + 1 steps: one compiled chunk each
+        extra = (f"task.rollout_chunk={spec.a // spec.b + 1}", *extra)
     runs = {
         name: KineticRun(
-            kinetic_config(ndim, height, batch_size, iters, args.optim, args.seed, extra, monitor)
+            kinetic_config(
+                spec.overrides, batch_size, iters, args.optim, args.seed, extra + more, monitor
+            )
         )
-        for name, monitor in MONITORS.items()
+        for name, (monitor, more) in VARIANTS.items()
+        if name in args.variants
     }
     main_name, *other_names = runs
-    peer = Peer(args.peer_python, runs[main_name].cfg, args.threads) if args.peer_python else None
+    peer = None
+    if args.peer_python:
+        peer = Peer(args.peer_python, runs[main_name].cfg, args.threads, runs[main_name].task.env)
     peer_ms: list[float] = []
     parts = chunks(iters, args.rounds)
     ends = dict(zip(itertools.accumulate(parts), range(len(parts)), strict=True))
@@ -494,27 +591,27 @@ def benchmark_one(
     rows = []
     try:
         runs[main_name].train(iters, pause=others)
+        env = runs[main_name].task.env
         for name, run in runs.items():
-            l1 = exact_l1(run.task.env, run.log_pf_table())
-            # The lookup table reproduces the task's own evaluation (same model and evaluator).
-            task_l1 = run.task.evaluate(run.step)["l1"]
-            if abs(task_l1 - l1) > 1e-6:
-                raise RuntimeError(f"table L1 {l1} != task L1 {task_l1}")
+            error = final_error(spec, env, run.log_pf_fn)
+            # The lookup reproduces the task's own evaluation (same model and evaluator).
+            task_error = run.task.evaluate(run.step)[spec_metric(spec)]
+            if abs(task_error - error) > 1e-5:
+                raise RuntimeError(f"{spec_metric(spec)}: benchmark's {error}, task's {task_error}")
             probes = [i for i in run.probe_steps if i >= args.warmup]
             rows.append(
-                {"variant": name, **timing(run.ms, args.warmup), "l1": l1, "probes": probes}
+                {"variant": name, **timing(run.ms, args.warmup), "error": error, "probes": probes}
                 | limit(run, args.warmup, args.limit_samples)
             )
         if peer is not None:
-            l1 = exact_l1(
-                runs[main_name].task.env, peer_log_pf_table(peer, runs[main_name].task.env)
-            )
-            rows.append({"variant": "torchgfn", **timing(peer_ms, args.warmup), "l1": l1})
+            error = final_error(spec, env, peer_log_pf_fn(peer, env))
+            rows.append({"variant": "torchgfn", **timing(peer_ms, args.warmup), "error": error})
     finally:
         if peer is not None:
             peer.close()
     return {
-        "grid": f"{height}^{ndim}",
+        "grid": spec.label,
+        "metric": spec_metric(spec),
         "batch": batch_size,
         "iters": iters,
         "trajectories": iters * batch_size,
@@ -527,30 +624,33 @@ def print_tables(results: list[dict], threads: int, warmup: int, peak: float) ->
     plural = "s" if threads != 1 else ""
     print(
         f"{threads} thread{plural}; ms/iter over the iterations after {warmup} warm-up: mean "
-        "(every one, periodic monitor work included) and median (the typical iteration)"
+        "(every one, periodic monitor work included) and median (the typical iteration); "
+        "x floor: mean ms over the floor (the first kinetic row's matmuls alone); error: exact "
+        "L1 (HyperGrid, lower is better) or test-set Spearman (bit sequences, higher is better)"
     )
     print(
-        f"{'grid':>5} {'batch':>5} {'iters':>6} {'variant':<21} {'mean ms':>8} {'median ms':>9} "
-        f"{'traj/s':>7} {'probes':>6} {'L1':>7}"
+        f"{'env':>9} {'batch':>5} {'iters':>6} {'variant':<24} {'mean ms':>8} {'median ms':>9} "
+        f"{'traj/s':>7} {'x floor':>7} {'probes':>6} {'error':>7}"
     )
     for r in results:
+        by_name = {row["variant"]: row for row in r["rows"]}
+        base = r["rows"][0]
         for row in r["rows"]:
             probes = len(row["probes"]) if "probes" in row else "-"
             print(
-                f"{r['grid']:>5} {r['batch']:>5} {r['iters']:>6} {row['variant']:<21} "
+                f"{r['grid']:>9} {r['batch']:>5} {r['iters']:>6} {row['variant']:<24} "
                 f"{row['mean_ms']:>8.2f} {row['median_ms']:>9.2f} "
-                f"{r['batch'] / row['mean_ms'] * 1e3:>7.0f} {probes:>6} {row['l1']:>7.4f}"
+                f"{r['batch'] / row['mean_ms'] * 1e3:>7.0f} "
+                f"{row['mean_ms'] / base['matmul_ms']:>7.2f} {probes:>6} {row['error']:>7.4f}"
             )
-        by_name = {row["variant"]: row for row in r["rows"]}
-        base = by_name["kinetic"]
+        peer = by_name.get("torchgfn")
         for name, row in by_name.items():
-            if name == "kinetic":
-                continue
-            what = "speed-up (torchgfn / kinetic)" if name == "torchgfn" else f"{name} / kinetic"
-            print(
-                f"{'':>5} {'':>5} {'':>6} {what}: mean {row['mean_ms'] / base['mean_ms']:.3f}x, "
-                f"median {row['median_ms'] / base['median_ms']:.3f}x"
-            )
+            if peer is not None and name != "torchgfn":
+                print(
+                    f"{'':>9} {'':>5} {'':>6} torchgfn / {name}: mean "
+                    f"{peer['mean_ms'] / row['mean_ms']:.2f}x, median "
+                    f"{peer['median_ms'] / row['median_ms']:.2f}x"
+                )
     print("wall time of all iterations (s):", end="")
     for r in results:
         walls = "/".join(f"{row['total_s']:.1f}" for row in r["rows"])
@@ -563,7 +663,7 @@ def print_tables(results: list[dict], threads: int, warmup: int, peak: float) ->
         f"{peak:.1f} GFLOP/s here (the peak)"
     )
     print(
-        f"{'grid':>5} {'batch':>5} {'variant':<21} {'rows sample':>11} {'rows loss':>9} "
+        f"{'env':>9} {'batch':>5} {'variant':<24} {'rows fwd':>8} {'rows bwd':>8} "
         f"{'MFLOP/iter':>10} {'GFLOP/s':>8} {'at shapes':>9} {'matmuls ms':>10} "
         f"{'of matmul rate':>14} {'of peak':>8}"
     )
@@ -572,18 +672,20 @@ def print_tables(results: list[dict], threads: int, warmup: int, peak: float) ->
             if "gflops" not in row:
                 continue
             print(
-                f"{r['grid']:>5} {r['batch']:>5} {row['variant']:<21} {row['sample_rows']:>11.0f} "
-                f"{row['loss_rows']:>9.0f} {row['total'] / 1e6:>10.1f} {row['gflops']:>8.2f} "
+                f"{r['grid']:>9} {r['batch']:>5} {row['variant']:<24} "
+                f"{row['forward_rows']:>8.0f} {row['backward_rows']:>8.0f} "
+                f"{row['total'] / 1e6:>10.1f} {row['gflops']:>8.2f} "
                 f"{row['shapes_gflops']:>9.2f} {row['matmul_ms']:>10.3f} "
                 f"{row['matmul_share']:>14.1%} {row['gflops'] / peak:>8.1%}"
             )
     print(
-        "rows: through the MLP per iteration, in sampling and in the loss; MFLOP/iter: sampling "
-        "forward + loss forward + loss backward (2 rows in out each, per layer; no input "
-        "gradient for the first layer); GFLOP/s: those FLOPs over the iterations' time; at "
-        "shapes: the GFLOP/s of the same matmuls replayed alone (best of 3, sampled iterations); "
-        "matmuls ms: their time alone in a mean iteration; of matmul rate: GFLOP/s / at shapes "
-        "(the share of the iteration's time its matmuls alone need); of peak: GFLOP/s / the "
+        "rows fwd / bwd: through the MLP per iteration, forward (sampling, and the loss when it "
+        "evaluates the policy again) and backward (the loss's); MFLOP/iter: 2 rows in out per "
+        "layer forward, twice that backward (no input gradient for the first layer); GFLOP/s: "
+        "those FLOPs over the iterations' time; at shapes: the GFLOP/s of the same matmuls "
+        "replayed alone (best of 3, sampled iterations); matmuls ms: their time alone in a mean "
+        "iteration (the first row's is the floor); of matmul rate: GFLOP/s / at shapes (the "
+        "share of the iteration's time its matmuls alone need); of peak: GFLOP/s / the "
         f"{PEAK_SIZE}^3 matmul's"
     )
 
@@ -639,7 +741,7 @@ class _TimedLoss:
         return self.call(*args)
 
 
-def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespace) -> None:
+def profile_one(spec: EnvSpec, batch_size: int, args: argparse.Namespace) -> None:
     """Where kinetic's iteration spends its time: phases, torch ops and Python functions.
 
     Trains `--profile-warmup` iterations first so that trajectory lengths are those of a
@@ -650,7 +752,8 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
     n, m = args.profile_iters, max(1, args.profile_iters // 4)
     steps = args.profile_warmup + n + 2 * m
     extra = tuple(args.override)
-    run = KineticRun(kinetic_config(ndim, height, batch_size, steps, args.optim, args.seed, extra))
+    cfg = kinetic_config(spec.overrides, batch_size, steps, args.optim, args.seed, extra)
+    run = KineticRun(cfg)
     run.train(args.profile_warmup)
     totals: dict[str, float] = {}
     originals = (gfn.task.sample_trajectories, gfn.losses.trajectory_log_probs, run.task.loss_fn)
@@ -687,7 +790,7 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
             batch = originals[0](run.task.model, run.task.env, 256, run.task.generator)
             lengths = batch.lengths.float()
         print(
-            f"\n=== kinetic profile: {height}^{ndim}, batch {batch_size}, after "
+            f"\n=== kinetic profile: {spec.label}, batch {batch_size}, after "
             f"{args.profile_warmup} iterations; {n} iterations, {wall / n * 1e3:.2f} ms/iter; "
             f"mean trajectory length {lengths.mean():.1f} (max {lengths.max():.0f}) ==="
         )
@@ -708,11 +811,13 @@ def profile_one(ndim: int, height: int, batch_size: int, args: argparse.Namespac
 
         # Operators per iteration, by phase ("task.loss" alone: the task's own work outside
         # the three inner phases; "outside task.loss": backward, guard, monitors, optimizer).
+        # (A dispatch mode cannot run through a compiled graph: a compiled rollout is skipped.)
         counter = OpCounter()
         run.task.loss = _timed(task_loss, {}, "task.loss")
         try:
-            with counter:
-                run.train(m)
+            if run.task.steps_fn is None:
+                with counter:
+                    run.train(m)
         finally:
             run.task.loss = task_loss
         total = sum(counter.counts.values())
@@ -755,8 +860,21 @@ def main() -> None:
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--peer-python", help="python of the torchgfn venv; omit: kinetic only")
-    parser.add_argument("--grids", nargs="+", default=["2x8", "4x8", "4x20"], help="NDIMxHEIGHT")
+    parser.add_argument(
+        "--envs",
+        nargs="+",
+        default=["4x8", "bitseq:32:4"],
+        help="HyperGrids NDIMxHEIGHT and bit sequences bitseq:N:K (N bits, K per word)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 256])
+    parser.add_argument("--bitseq-batch-sizes", type=int, nargs="+", default=[16])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="kinetic rows (the first is the one the others are compared with)",
+    )
     parser.add_argument(
         "--budget",
         action="append",
@@ -808,13 +926,15 @@ def main() -> None:
     )
     if args.profile:
         for spec in args.profile:
-            grid, _, batch = spec.partition(":")
-            profile_one(*parse_grid(grid), int(batch), args)
+            env, _, batch = spec.rpartition(":")
+            profile_one(EnvSpec.parse(env), int(batch), args)
         return
 
     if args.peer_python:
         probe = Peer(
-            args.peer_python, kinetic_config(2, 8, 16, 1, args.optim, args.seed), args.threads
+            args.peer_python,
+            kinetic_config(EnvSpec.parse("2x8").overrides, 16, 1, args.optim, args.seed),
+            args.threads,
         )
         info = probe.info
         probe.close()
@@ -825,7 +945,9 @@ def main() -> None:
     if args.override:
         print(f"kinetic config overrides: {' '.join(args.override)}")
     monitor = MonitorConfig.from_dict(
-        kinetic_config(2, 8, 16, 1, args.optim, 0, tuple(args.override)).monitor
+        kinetic_config(
+            EnvSpec.parse("2x8").overrides, 16, 1, args.optim, 0, tuple(args.override)
+        ).monitor
     )
     print(
         f"TB, MLP 256x2, P_B on the shared trunk, {args.optim} lr 1e-3 + log Z lr 0.1 (constant), "
@@ -840,14 +962,14 @@ def main() -> None:
     peak = peak_gflops()
 
     results = []
-    for grid in args.grids:
-        ndim, height = parse_grid(grid)
-        for batch_size in args.batch_sizes:
+    for env in args.envs:
+        spec = EnvSpec.parse(env)
+        for batch_size in args.batch_sizes if spec.kind == "hypergrid" else args.bitseq_batch_sizes:
             budget = budgets.get(batch_size, 2000 * batch_size)
             start = time.perf_counter()
-            results.append(benchmark_one(ndim, height, batch_size, budget, args))
+            results.append(benchmark_one(spec, batch_size, budget, args))
             print(
-                f"  done {height}^{ndim} batch {batch_size} in {time.perf_counter() - start:.0f} s",
+                f"  done {spec.label} batch {batch_size} in {time.perf_counter() - start:.0f} s",
                 file=sys.stderr,
                 flush=True,
             )

@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py            # the full check (a few minutes on one GPU)
     python benchmarks/gpu_check.py --quick    # fewer steps and shorter runs (CI runs this)
 
-With CUDA, four sections:
+With CUDA, five sections:
 
 1. ``tests``: every device-parametrised test of the suite on CUDA (``pytest -m device -k cuda``).
 2. ``syncs``: N steps of every optimizer (every VRAdam implementation that runs here) and of
@@ -14,10 +14,14 @@ With CUDA, four sections:
    documented ones) fails the check. The mode is "warn", turned into failures here, rather
    than "error", so that one run names every offending line instead of the first.
 3. ``speed``: ms/step of the same steps on the CPU and on CUDA.
-4. ``runs``: short HyperGrid and DDPM runs through train.py on CUDA in fp32 and bf16, with
+4. ``rollouts``: the sampler's static rollout, eager and compiled under CUDA graphs
+   (``torch.compile(mode="reduce-overhead")``), must draw the dynamic rollout's trajectories;
+   ms per rollout of each on HyperGrid 8^4 (batch 16, 256) and bit sequences (batch 16).
+5. ``runs``: short HyperGrid and DDPM runs through train.py on CUDA in fp32 and bf16, with
    their metrics.
 
-Without CUDA it says so, runs the CPU half (``speed`` on the CPU, ``runs`` with device=cpu)
+Without CUDA it says so, runs the CPU half (``speed`` and, without ``--quick``, ``rollouts``
+on the CPU, ``runs`` with device=cpu)
 and exits 0. Exit code 1 when any check fails.
 """
 
@@ -49,15 +53,18 @@ from omegaconf import OmegaConf
 import optim.vradam
 from diffusion.data import build_dataset
 from diffusion.task import DDPMTask, build_noise_scheduler, build_unet
+from envs.bitseq import BitSequence
 from envs.hypergrid import HyperGrid
 from gfn.policies import GFlowNet, MLPPolicy
+from gfn.sampler import compile_static_steps, sample_trajectories
 from gfn.task import GFlowNetTask
 from kinetic import TrainConfig, train
 from optim import OPTIMIZERS, build_optimizer
 
 # Host syncs a training step may make, by the function of this repository they happen in.
 ALLOWED_SYNCS = {
-    ("gfn/sampler.py", "sample_trajectories"): "the sampler's per-step exit check",
+    ("gfn/sampler.py", "_dynamic_rollout"): "the sampler's per-step exit check",
+    ("gfn/sampler.py", "_static_rollout"): "the static rollout's per-chunk exit check",
     ("gfn/sampler.py", "trajectory_log_probs"): "the number of visited states",
     ("gfn/sampler.py", "_unique_states"): "the number of distinct states",
     ("gfn/replay.py", "_gather"): "the longest replayed trajectory",
@@ -311,6 +318,53 @@ def speed(devices: list[torch.device], steps: int, optimizers: bool, small: bool
         print(f"  {label:<24}" + "".join(row), flush=True)
 
 
+# --- rollouts -------------------------------------------------------------------------------
+
+
+def rollouts(device: torch.device, quick: bool) -> list[str]:
+    """The sampler's rollouts on `device`: the static one, eager and compiled (CUDA graphs on
+    CUDA), must draw the dynamic one's trajectories; prints the median ms of each (compile time
+    left out) on HyperGrid 8^4 at batch 16 and 256 and on bit sequences at batch 16."""
+    envs = {
+        "hypergrid 8^4": lambda: HyperGrid(ndim=4, height=8),
+        "bitseq 32/4": lambda: BitSequence(n=32, k=4),
+    }
+    cases = [("hypergrid 8^4", 16), ("hypergrid 8^4", 256), ("bitseq 32/4", 16)]
+    if quick:
+        cases = cases[:1]
+    print(f"  {'env, batch':<20}{'dynamic':>10}{'static':>10}{'compiled':>10}   (ms/rollout)")
+    failures = []
+    steps_fn = compile_static_steps(device)
+    for name, batch in cases:
+        env = envs[name]().to(device)
+        torch.manual_seed(0)
+        width = env.featurize(env.initial_states(1)).shape[-1]
+        model = GFlowNet(MLPPolicy(width, env.n_actions)).to(device)
+        # Bit strings all take n/k + 1 steps: one chunk per rollout.
+        chunk = env.max_steps + 1 if isinstance(env, BitSequence) else 8
+        variants = {
+            "dynamic": {},
+            "static": {"rollout": "static", "chunk": chunk},
+            "compiled": {"rollout": "static", "chunk": chunk, "steps_fn": steps_fn},
+        }
+        times = {}
+        for label, kwargs in variants.items():
+
+            def rollout(seed: int, kwargs: dict = kwargs, model=model, env=env, batch=batch):
+                generator = torch.Generator(device).manual_seed(seed)
+                return sample_trajectories(model, env, batch, generator, **kwargs)
+
+            want, got = rollout(1, {}), rollout(1)  # dynamic, this variant
+            if not (
+                torch.equal(want.actions, got.actions) and torch.equal(want.states, got.states)
+            ):
+                failures.append(f"rollouts: {label} differs from dynamic on {name}, batch {batch}")
+            times[label] = time_step(lambda: rollout(2), device, 3 if quick else 20)
+        row = "".join(f"{times[label]:>10.2f}" for label in variants)
+        print(f"  {f'{name}, {batch}':<20}{row}", flush=True)
+    return failures
+
+
 # --- tests and runs -------------------------------------------------------------------------
 
 
@@ -378,7 +432,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and shorter runs")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["tests", "syncs", "speed", "runs"],
+        "--skip", nargs="*", default=[], choices=["tests", "syncs", "speed", "rollouts", "runs"],
         help="sections to leave out",
     )  # fmt: skip
     args = parser.parse_args()
@@ -392,6 +446,9 @@ def main() -> int:
         if "speed" not in args.skip:
             print("speed:")
             speed([torch.device("cpu")], steps, optimizers=not args.quick, small=args.quick)
+        if "rollouts" not in args.skip and not args.quick:  # (quick: no compile time in CI)
+            print("rollouts (cpu):")
+            failures += rollouts(torch.device("cpu"), quick=False)
         if "runs" not in args.skip:
             print("runs (device=cpu):")
             failures += short_runs("cpu", args.quick)
@@ -406,6 +463,9 @@ def main() -> int:
         if "speed" not in args.skip:
             print("speed:")
             speed([torch.device("cpu"), torch.device("cuda")], steps, True, small=False)
+        if "rollouts" not in args.skip:
+            print("rollouts (cuda; static compiled under CUDA graphs):")
+            failures += rollouts(torch.device("cuda"), args.quick)
         if "runs" not in args.skip:
             print("runs (device=cuda):")
             failures += short_runs("cuda", args.quick)

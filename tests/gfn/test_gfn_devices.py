@@ -17,7 +17,7 @@ from gfn.gnn import GNNPolicy
 from gfn.losses import LOSSES, get_loss
 from gfn.policies import GFlowNet, MLPPolicy
 from gfn.replay import ReplayBuffer
-from gfn.sampler import sample_trajectories
+from gfn.sampler import Trajectories, sample_trajectories, trajectory_log_probs
 
 
 def _gflownet(env, flow_head: bool = False) -> GFlowNet:
@@ -97,3 +97,31 @@ def test_gnn_policy_on_the_device_matches_the_cpu(device):
     for g, e in zip(got, expected, strict=True):
         assert g.device.type == device.type
         assert torch.allclose(g.detach().cpu(), e.detach(), atol=1e-5)
+
+
+def test_rollouts_and_the_recorded_pass_on_the_device(device):
+    """On the device the static rollout draws the dynamic one's trajectories, and a batch
+    scored from its sampling pass gets the loss and gradients of a fresh forward pass."""
+    env = HyperGrid(ndim=3, height=5).to(device)
+    model = _gflownet(env).to(device)
+    dynamic = sample_trajectories(
+        model, env, 64, torch.Generator(device).manual_seed(0), 0.1, record_pass=True
+    )
+    static = sample_trajectories(
+        model, env, 64, torch.Generator(device).manual_seed(0), 0.1, rollout="static", chunk=4
+    )
+    for name in ("states", "actions", "lengths", "terminal_states", "log_rewards"):
+        assert torch.equal(getattr(dynamic, name), getattr(static, name)), name
+    assert dynamic.lengths.min() < dynamic.lengths.max()
+    assert dynamic.sampling_pass is not None
+    loss_fn = get_loss("tb")
+    grads = []
+    fields = ("states", "actions", "lengths", "terminal_states", "log_rewards", "conditions")
+    fresh = Trajectories(*(getattr(dynamic, name) for name in fields))  # no recorded pass
+    for batch in (dynamic, fresh):
+        model.zero_grad()
+        loss = loss_fn(trajectory_log_probs(model, env, batch), batch, model.log_z)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*grads, strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
