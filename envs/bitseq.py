@@ -108,7 +108,15 @@ class BitSequence(Env):
         self.max_steps = self.n_words
         self._shifts = torch.arange(k - 1, -1, -1, device=self.device)  # (k,), MSB first
         self._words = torch.arange(2**k, device=self.device)  # (2^k,)
-        self._classes = torch.arange(-1, 2**k, device=self.device)  # (2^k + 1,), −1 = empty
+        # Lookup tables indexed by a slot's value, −1 (empty) reading the last row, which keep
+        # the per-step methods to one or two operators each.
+        # Slot encoding: word w -> one-hot at w + 1, empty -> one-hot at 0.
+        self._one_hot = torch.eye(2**k + 1, device=self.device).roll(-1, dims=0)
+        # Forward mask by the last slot: a word -> full (stop only), empty -> every word.
+        masks = torch.zeros(2**k + 1, self.n_actions, dtype=torch.bool, device=self.device)
+        masks[:-1, -1] = True
+        masks[-1, :-1] = True
+        self._forward_masks = masks  # (2^k + 1, 2^k + 1)
 
         generator = torch.Generator(device="cpu").manual_seed(seed)
         if targets is None:
@@ -192,8 +200,7 @@ class BitSequence(Env):
 
     def forward_mask(self, states: Tensor) -> Tensor:
         """Words while a slot is empty, stop once all are full: bool ``(B, 2^k + 1)``."""
-        full = (states[:, -1] >= 0).unsqueeze(1)  # (B, 1); the last slot fills last
-        return torch.cat([(~full).expand(-1, self.n_actions - 1), full], dim=1)
+        return self._forward_masks[states[:, -1]]  # the last slot fills last
 
     def backward_mask(self, states: Tensor) -> Tensor:
         """Only the last written word can be removed: bool ``(B, 2^k)``, all False at s0."""
@@ -244,8 +251,7 @@ class BitSequence(Env):
 
     def featurize(self, states: Tensor) -> Tensor:
         """One-hot of each slot over {empty, word 0, …, word 2^k − 1}: ``(B, n/k·(2^k + 1))``."""
-        one_hot = states.unsqueeze(-1) == self._classes  # (B, n/k, 2^k + 1)
-        return one_hot.flatten(1).float()
+        return self._one_hot[states].flatten(1)  # (B, n/k·(2^k + 1))
 
     # --- evaluation ---------------------------------------------------------------------
 
