@@ -180,13 +180,15 @@ class MLPPolicy(nn.Module):
 
     def record(self, features: Tensor) -> tuple[PolicyOutput, MLPActivations]:
         """`forward` (call it without autograd), also returning what `replay`'s backward needs:
-        each layer's input and pre-activation. The same operators as `forward`."""
+        each layer's input and (except for relu, whose backward reads its output) each hidden
+        layer's pre-activation. The same operators as `forward`."""
         inputs, pre_activations = [features], []
         hidden = features
         for layer in self.trunk:
             z = F.linear(hidden, layer.weight, layer.bias)  # (B, H)
             hidden = self._activation(z)
-            pre_activations.append(z)
+            if self.activation != "relu":
+                pre_activations.append(z)
             inputs.append(hidden)
         out = F.linear(hidden, self.heads.weight, self.heads.bias)  # (B, n_out)
         return self.split_heads(out), MLPActivations(inputs, pre_activations, out)
@@ -199,31 +201,38 @@ class MLPPolicy(nn.Module):
         params = [p for layer in (*self.trunk, self.heads) for p in (layer.weight, layer.bias)]
         return self.split_heads(_ReplayMLP.apply(activations.output, self, activations, *params))
 
-    def activation_backward(self, grad: Tensor, pre_activation: Tensor) -> Tensor:
-        """The gradient through the activation at `pre_activation`, given the one after it."""
-        if self.activation == "relu":  # relu's own backward kernel (one pass)
-            return torch.ops.aten.threshold_backward(grad, pre_activation, 0)
+    def activation_backward(self, grad: Tensor, activations: MLPActivations, i: int) -> Tensor:
+        """The gradient through hidden layer `i`'s activation in a recorded pass, given the
+        gradient after it."""
+        if self.activation == "relu":  # relu's own backward kernel, on its output (> 0 iff z > 0)
+            return torch.ops.aten.threshold_backward(grad, activations.inputs[i + 1], 0)
         with torch.enable_grad():
-            z = pre_activation.detach().requires_grad_()
+            z = activations.pre_activations[i].detach().requires_grad_()
             return torch.autograd.grad(self._activation(z), z, grad)[0]
 
 
 class MLPActivations(NamedTuple):
     """What `MLPPolicy.record` keeps of a pass over R rows: every layer's input
     (``inputs[0]`` the features, then each hidden layer's output), every hidden layer's
-    pre-activation, and the heads' output ``(R, n_out)``."""
+    pre-activation (none for relu), and the heads' output ``(R, n_out)``."""
 
     inputs: list[Tensor]
     pre_activations: list[Tensor]
     output: Tensor
 
     @staticmethod
-    def cat(passes: Sequence[MLPActivations]) -> MLPActivations:
-        """Passes over R_1, R_2, ... rows as one pass over their R_1 + R_2 + ... rows."""
+    def cat(passes: Sequence[MLPActivations], rows: Tensor | None = None) -> MLPActivations:
+        """Passes over R_1, R_2, ... rows as one pass over their R_1 + R_2 + ... rows; only
+        the rows `rows` (long) of that, in that order, when given."""
+
+        def join(tensors: Sequence[Tensor]) -> Tensor:
+            joined = torch.cat(list(tensors))
+            return joined if rows is None else joined[rows]
+
         return MLPActivations(
-            [torch.cat(layer) for layer in zip(*(p.inputs for p in passes), strict=True)],
-            [torch.cat(layer) for layer in zip(*(p.pre_activations for p in passes), strict=True)],
-            torch.cat([p.output for p in passes]),
+            [join(layer) for layer in zip(*(p.inputs for p in passes), strict=True)],
+            [join(layer) for layer in zip(*(p.pre_activations for p in passes), strict=True)],
+            join([p.output for p in passes]),
         )
 
 
@@ -242,7 +251,7 @@ class _ReplayMLP(torch.autograd.Function):
         grads: list[Tensor] = []
         for i in range(len(layers) - 1, -1, -1):  # heads first
             if i < len(layers) - 1:
-                grad = policy.activation_backward(grad, acts.pre_activations[i])  # (R, H)
+                grad = policy.activation_backward(grad, acts, i)  # (R, H)
             grads[:0] = [grad.t() @ acts.inputs[i], grad.sum(dim=0)]  # weight, bias
             if i > 0:
                 grad = grad @ layers[i].weight  # (R, width of layer i's input)

@@ -1,12 +1,17 @@
 """Vectorized trajectory sampling, and the one-pass log-probabilities the losses score.
 
-Sampling runs without autograd; `trajectory_log_probs` then evaluates the trunk in one batched
-pass over the visited states (once per distinct state). Decided by measurement: a full TB
-iteration (sample, loss, backward, Adam step) on an 8^4 HyperGrid with the 256x2 MLP, one CPU
-thread, took 5.9 ms at batch 16 and 22 ms at batch 256 this way, against 15 ms and 37 ms when
-the loss reused the graph built while sampling (median ms per iteration). Reusing the graph
-makes autograd walk T small per-step graphs and keeps autograd on for every sampling op; the
-recompute is one dense forward and backward, shared by trajectories that share states.
+Sampling runs without autograd. The loss's log-probabilities come from one batched pass over
+the visited states, with autograd: for an on-policy batch of an `MLPPolicy`, the sampling pass
+itself, kept with its activations (`SamplingPass`), whose backward runs once over all its rows
+(no second forward pass); otherwise a second forward over the visited states, once per
+distinct state (`trajectory_log_probs`). Decided by measurement on an 8^4 HyperGrid with the
+256x2 MLP, one CPU thread, a whole TB iteration (sample, loss, backward, AdamW step): the
+second forward took 5.9 ms at batch 16 and 22 ms at batch 256 against 15 ms and 37 ms when
+the loss reused the autograd graph built while sampling (autograd then walks T small per-step
+graphs and is on for every sampling op). The recorded pass against the second forward
+(sample, loss and backward, interleaved): 3-9% slower at batch 16 and 64, where the recording's
+few operators per step cost more than the forward it saves, and 8-12% faster at 256; the
+task records from batch 128 on (`gfn.task.RECORD_PASS_MIN_BATCH`).
 
 Trajectory layout (time-major, as in torchgfn), for B trajectories of n_b non-exit actions:
     states[t, b]   s_t for t <= n_b; after that a copy of the terminal state s_{n_b}
@@ -388,7 +393,9 @@ def sample_trajectories(
         else:
             policy = getattr(gflownet, "policy", None)
             recorder = (
-                _PassRecorder(policy, races.shape[:2], current.device)
+                _PassRecorder(
+                    policy, races.shape[:2], current.device, unique_states and conditions is None
+                )
                 if record_pass
                 and isinstance(policy, MLPPolicy)
                 and not torch.is_autocast_enabled(current.device.type)
@@ -416,8 +423,11 @@ def sample_trajectories(
 class _PassRecorder:
     """Collects a dynamic rollout's policy passes into a `SamplingPass`."""
 
-    def __init__(self, policy: MLPPolicy, shape: torch.Size, device: torch.device) -> None:
+    def __init__(
+        self, policy: MLPPolicy, shape: torch.Size, device: torch.device, unique_states: bool
+    ) -> None:
         self.policy, self.versions = policy, _versions(policy)
+        self.unique_states = unique_states
         self.rows = torch.full(shape, PAD_ACTION, dtype=torch.long, device=device)  # (T_max, n)
         self.index = torch.arange(shape[1], device=device)  # (n,), row numbers to slice
         self.states: list[Tensor] = []
@@ -446,15 +456,28 @@ class _PassRecorder:
         return out, rows
 
     def finish(self, n_steps: int) -> SamplingPass:
-        """The recording, for a batch of `n_steps` action rows; outside inference mode, so
-        its tensors are ordinary ones (autograd may save them)."""
+        """The recording, for a batch of `n_steps` action rows, each distinct state once
+        (with `unique_states`: a state evaluated at several steps, or by several trajectories
+        after a step's deduplication stopped, keeps one row, so the backward runs once per
+        distinct state as a second forward pass would). Outside inference mode, so its tensors
+        are ordinary ones (autograd may save them)."""
+        states = torch.cat(self.states)  # (R, *S)
+        rows = self.rows[:n_steps]  # (T, n)
+        keep = None
+        if self.unique_states:
+            keep, inverse = _unique_rows(states)  # (U,), (R,)
+            if keep.shape[0] < states.shape[0]:
+                states = states[keep]
+                rows = torch.where(rows >= 0, inverse[rows.clamp(min=0)], PAD_ACTION)
+            else:
+                keep = None
         return SamplingPass(
             self.policy,
             self.versions,
-            torch.cat(self.states),
-            self.rows[:n_steps].clone(),
-            torch.cat(self.masks),
-            MLPActivations.cat(self.passes),
+            states,
+            rows.clone(),
+            torch.cat(self.masks) if keep is None else torch.cat(self.masks)[keep],
+            MLPActivations.cat(self.passes, keep),
         )
 
 
@@ -604,27 +627,34 @@ def compile_static_steps(device: torch.device) -> Callable[..., tuple[Tensor, Te
     return steps
 
 
-def _unique_states(states: Tensor) -> tuple[Tensor, Tensor]:
-    """The distinct rows of `states` ``(N, *S)`` and, for each row, its index among them.
+def _unique_rows(states: Tensor) -> tuple[Tensor, Tensor]:
+    """One row index per distinct row of `states` ``(N, *S)`` and, for each row, the position
+    of its representative among them: ``(representative (U,), inverse (N,))`` with
+    ``states[representative][inverse] == states``.
 
-    Returns ``(unique (U, *S), inverse (N,))`` with ``unique[inverse] == states``. Rows are
-    hashed to one int64 each (envs/rows.py's seeded hash), the hashes are deduplicated
+    Rows are hashed to one int64 each (envs/rows.py's seeded hash), the hashes are deduplicated
     with one sort, and the result is checked exactly; on a hash collision, or for floating-point
     states (which rarely repeat), every row is its own representative.
     """
     n = states.shape[0]
-    identity = (states, torch.arange(n, device=states.device))
+    identity = torch.arange(n, device=states.device)
     if states.is_floating_point() or states.is_complex():
-        return identity
+        return identity, identity
     keys = row_keys(states.reshape(n, -1).long())  # (N,)
     unique_keys, inverse = torch.unique(keys, return_inverse=True)  # (U,), (N,)
-    representative = torch.empty_like(unique_keys).scatter_(
-        0, inverse, torch.arange(n, device=states.device)
-    )  # (U,), some row with that key
-    unique = states[representative]  # (U, *S)
-    if not torch.equal(unique[inverse], states):  # a collision: astronomically rare
-        return identity
-    return unique, inverse
+    representative = torch.empty_like(unique_keys).scatter_(0, inverse, identity)  # (U,)
+    if not torch.equal(states[representative][inverse], states):  # a collision: astronomically rare
+        return identity, identity
+    return representative, inverse
+
+
+def _unique_states(states: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct rows of `states` ``(N, *S)`` and, for each row, its index among them:
+    ``(unique (U, *S), inverse (N,))`` with ``unique[inverse] == states`` (`_unique_rows`)."""
+    representative, inverse = _unique_rows(states)
+    if representative is inverse:  # every row is its own representative
+        return states, inverse
+    return states[representative], inverse
 
 
 def _scatter_visited(flat: Tensor, visited: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gfn.policies import MLPPolicy
+from gfn.task import RECORD_PASS_MIN_BATCH
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def test_flops_of_a_training_iteration_match_torch_flop_counter(bench, record):
     scored from the sampling pass or by a second forward pass: the FLOPs derived from the
     recorded rows are those torch counts for every matmul run."""
     spec = bench.EnvSpec.parse("2x4")
-    cfg = bench.kinetic_config(spec.overrides, 8, 1, "adamw", 0, ("model.hidden=16",))
+    batch = RECORD_PASS_MIN_BATCH  # large enough for the loss to use the sampling pass
+    cfg = bench.kinetic_config(spec.overrides, batch, 1, "adamw", 0, ("model.hidden=16",))
     run = bench.KineticRun(cfg)
     # Through a wrapper (as DDP is), the loss evaluates the policy again.
     model = run.task.model if record else torch.nn.Sequential(run.task.model)

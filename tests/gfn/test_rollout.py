@@ -24,7 +24,7 @@ from gfn.sampler import (
     static_steps,
     trajectory_log_probs,
 )
-from gfn.task import GFlowNetTask
+from gfn.task import RECORD_PASS_MIN_BATCH, GFlowNetTask
 from kinetic.errors import ConfigError
 
 FIELDS = ("states", "actions", "lengths", "terminal_states", "log_rewards", "conditions")
@@ -249,11 +249,18 @@ def test_a_stale_or_foreign_sampling_pass_is_not_used() -> None:
 
 def test_the_task_records_its_on_policy_batches_only() -> None:
     env = HyperGrid(ndim=2, height=5)
-    task = GFlowNetTask(env, mlp_gflownet(env), batch_size=8)
     sampled = []
-    sample = task.sample
-    task.sample = lambda *args, **kwargs: sampled.append(kwargs) or sample(*args, **kwargs)
+
+    def task_of(batch_size: int) -> GFlowNetTask:
+        task = GFlowNetTask(env, mlp_gflownet(env), batch_size=batch_size)
+        sample = task.sample
+        task.sample = lambda *args, **kwargs: sampled.append(kwargs) or sample(*args, **kwargs)
+        return task
+
+    task = task_of(RECORD_PASS_MIN_BATCH)
     task.loss(1)
     assert sampled[-1]["record_pass"] is True
     task.loss(2, torch.nn.Sequential(task.model))  # scored through a wrapper: no recording
+    assert sampled[-1]["record_pass"] is False
+    task_of(RECORD_PASS_MIN_BATCH - 1).loss(1)  # too small a batch for the recording to pay
     assert sampled[-1]["record_pass"] is False
