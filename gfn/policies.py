@@ -173,10 +173,10 @@ class MLPPolicy(nn.Module):
         if not (self.learned_pb or self.flow_head):
             return PolicyOutput(out, None, None)
         # One split (one operator) into the head's column blocks.
-        pf_logits, *rest = out.split(self._head_sizes, dim=1)  # (B, A), ...
-        pb_logits = rest.pop(0) if self.learned_pb else None  # (B, A - 1)
-        log_flow = rest[0].squeeze(1) if self.flow_head else None  # (B,)
-        return PolicyOutput(pf_logits, pb_logits, log_flow)
+        parts = out.split_with_sizes(self._head_sizes, dim=1)  # (B, A), ...
+        pb_logits = parts[1] if self.learned_pb else None  # (B, A - 1)
+        log_flow = parts[-1].squeeze(1) if self.flow_head else None  # (B,)
+        return PolicyOutput(parts[0], pb_logits, log_flow)
 
     def record(self, features: Tensor) -> tuple[PolicyOutput, MLPActivations]:
         """`forward` (call it without autograd), also returning what `replay`'s backward needs:

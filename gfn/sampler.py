@@ -54,9 +54,10 @@ __all__ = [
 ]
 
 PAD_ACTION = -1
-# A step's deduplication (a row hash, a sort, three gathers) costs about what a 256x2 MLP spends
-# forward and backward on this many rows (measured on one CPU thread); the dynamic rollout keeps
-# deduplicating only while a step saves at least this many.
+# The dynamic rollout keeps deduplicating its running states only while a step saves at least
+# this many rows (and a quarter of them): a step's deduplication (a row hash, a sort, three
+# gathers) takes a few tens of µs on one CPU thread, a 256x2 MLP a few µs per row forward and
+# backward; a rough break-even, not a tuned value.
 DEDUP_MIN_SAVED = 16
 
 
@@ -69,8 +70,8 @@ class SamplingPass:
         policy: the `MLPPolicy` that made the pass.
         versions: its parameters' version counters at the time; any in-place update since
             (an optimizer step) makes the pass stale.
-        states: the R states evaluated, ``(R, *state_shape)`` (each distinct state once per
-            step while states repeat).
+        states: the R states evaluated, ``(R, *state_shape)`` (each distinct state once,
+            unless the sampler ran without `unique_states`).
         rows: long ``(T, B)``, the row of ``states`` holding s_t of trajectory b, -1 on padding.
         forward_mask: ``env.forward_mask(states)``, bool ``(R, n_actions)``.
         activations: what `MLPPolicy.replay` needs to backpropagate through the pass.
@@ -507,8 +508,10 @@ def _dynamic_rollout(
     actions = torch.full(races.shape[:2], PAD_ACTION, dtype=torch.long, device=device)
     states[0] = current
     running = None  # None while all n run (no index ops needed), then their indices
-    # States are rows of a hash only when conditions do not enter the policy's input.
+    # States are rows of a hash only when conditions do not enter the policy's input, and a
+    # batch of at most DEDUP_MIN_SAVED rows cannot save that many.
     dedup = unique_states and conditions is None and not current.is_floating_point()
+    dedup = dedup and n > DEDUP_MIN_SAVED
     for t in range(races.shape[0]):
         if t == 0 and from_s0 and conditions is None:
             evaluated, inverse = current[:1], None  # every trajectory is at s0
