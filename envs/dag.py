@@ -219,6 +219,7 @@ class DAGEnv(Env):
         self.max_steps = d * (d - 1) // 2
         self._bits = 2 ** torch.arange(d, device=self.device)  # (d,)
         self._eye = torch.eye(d, dtype=torch.bool, device=self.device).flatten()  # (d²,)
+        self._last_mask: tuple[Tensor, int | None, Tensor] | None = None  # states, version, mask
 
     def __repr__(self) -> str:
         return (
@@ -241,11 +242,22 @@ class DAGEnv(Env):
         return states.view(-1, self.n_nodes, self.n_nodes)  # (B, d, d)
 
     def forward_mask(self, states: Tensor) -> Tensor:
-        """Adding i → j is legal when absent, i ≠ j and j does not reach i; stop always."""
+        """Adding i → j is legal when absent, i ≠ j and j does not reach i; stop always.
+
+        `featurize` needs the same mask, and the sampler asks for both on the same batch at
+        every step: the last result is kept and returned again for the same, unmodified
+        `states` tensor, so the transitive closure runs once per step."""
+        # (Inference tensors, the sampler's, keep no version counter; nothing changes them.)
+        version = None if states.is_inference() else states._version
+        last = self._last_mask
+        if last is not None and last[0] is states and last[1] == version:
+            return last[2]
         reach = transitive_closure(self._square(states))  # (B, d, d)
         creates_cycle = reach.transpose(1, 2).flatten(1)  # (B, d²): j reaches i
         legal = (states == 0) & ~creates_cycle & ~self._eye  # (B, d²)
-        return torch.cat([legal, torch.ones_like(legal[:, :1])], dim=1)  # (B, d² + 1)
+        mask = torch.cat([legal, torch.ones_like(legal[:, :1])], dim=1)  # (B, d² + 1)
+        self._last_mask = (states, version, mask)
+        return mask
 
     def backward_mask(self, states: Tensor) -> Tensor:
         """Removing any present edge is legal: bool ``(B, d²)``."""

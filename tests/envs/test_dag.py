@@ -169,3 +169,34 @@ def test_dag_preset_learns_the_exact_posterior(tmp_path):
     env = DAGEnv()
     assert np.array_equal(np.load(tmp_path / "data.npy"), env.data)
     assert np.array_equal(np.load(tmp_path / "true_graph.npy"), env.true_graph.numpy())
+
+
+def test_the_forward_mask_is_computed_once_per_batch_and_never_stale(monkeypatch):
+    """featurize and the sampler both ask for the mask of the same batch: one closure per
+    step; another batch, or the same tensor changed in place, gets its own mask."""
+    import envs.dag as dag
+    from gfn.policies import GFlowNet, MLPPolicy
+    from gfn.sampler import sample_trajectories
+
+    env = DAGEnv(n_nodes=4, seed=0)
+    calls = []
+    closure = dag.transitive_closure
+    monkeypatch.setattr(dag, "transitive_closure", lambda a: calls.append(1) or closure(a))
+    torch.manual_seed(0)
+    width = env.featurize(env.initial_states(1)).shape[-1]
+    gflownet = GFlowNet(MLPPolicy(width, env.n_actions, hidden=16))
+    calls.clear()
+    batch = sample_trajectories(gflownet, env, 8, torch.Generator().manual_seed(0))
+    assert len(calls) == batch.max_length  # one per step (featurize's and the mask's)
+
+    def fresh_mask(states):
+        env._last_mask = None
+        return env.forward_mask(states)
+
+    states = batch.terminal_states.clone()
+    mask = env.forward_mask(states)
+    assert torch.equal(mask, fresh_mask(states.clone()))
+    other = env.initial_states(8)
+    assert torch.equal(env.forward_mask(other), fresh_mask(other.clone()))
+    states.zero_()  # in place: the kept mask no longer describes it
+    assert torch.equal(env.forward_mask(states), fresh_mask(states.clone()))
