@@ -66,7 +66,7 @@ ALLOWED_SYNCS = {
     ("gfn/sampler.py", "_dynamic_rollout"): "the sampler's per-step exit check",
     ("gfn/sampler.py", "_static_rollout"): "the static rollout's per-chunk exit check",
     ("gfn/sampler.py", "trajectory_log_probs"): "the number of visited states",
-    ("gfn/sampler.py", "_unique_states"): "the number of distinct states",
+    ("gfn/sampler.py", "_unique_rows"): "the number of distinct states",
     ("gfn/replay.py", "_gather"): "the longest replayed trajectory",
     ("kinetic/stability/guard.py", "is_finite"): "the non-finite guard's one check",
 }
