@@ -99,17 +99,13 @@ class HyperGrid(Env):
         """Decrementing coordinate d is legal above 0: bool ``(B, ndim)``."""
         return states > 0  # (B, D)
 
-    def _unit(self, actions: Tensor) -> Tensor:
-        """One-hot of `actions` over the D coordinates, long ``(B, D)``; stop gives zeros."""
-        return (actions.unsqueeze(1) == self._coords[: self.ndim]).long()  # (B, D)
-
     def step(self, states: Tensor, actions: Tensor) -> Tensor:
         """Increment coordinate ``actions`` ``(B,)`` of `states` ``(B, D)``."""
         return states + self._increments[actions]
 
     def backward_step(self, states: Tensor, actions: Tensor) -> Tensor:
         """Decrement coordinate ``actions`` ``(B,)`` of `states` ``(B, D)``."""
-        return states - self._unit(actions)
+        return states - self._increments[actions]
 
     # --- reward and features ------------------------------------------------------------
 

@@ -574,6 +574,12 @@ class ContinuousGFlowNetTask(GFlowNetTask):
                 "task.epsilon and task.temperature apply to discrete actions; a continuous "
                 f"environment ({type(env).__name__}) takes task.epsilon=0 and task.temperature=1"
             )
+        if kwargs.get("rollout", "dynamic") != "dynamic" or kwargs.get("compile_rollout"):
+            raise ConfigError(
+                "task.rollout=static applies to discrete actions; a continuous environment "
+                f"({type(env).__name__}) takes task.rollout=dynamic (and compile=true compiles "
+                "its policy)"
+            )
         super().__init__(env, model, loss, **kwargs)
         self.last_samples: Tensor | None = None
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from envs.bitseq import BitSequence
+from envs.continuous import Box
 from envs.dag import DAGEnv
 from envs.graphs import GraphBuilding
 from envs.hypergrid import ConditionalHyperGrid, HyperGrid
@@ -24,7 +25,7 @@ from gfn.sampler import (
     static_steps,
     trajectory_log_probs,
 )
-from gfn.task import RECORD_PASS_MIN_BATCH, GFlowNetTask
+from gfn.task import RECORD_PASS_MIN_BATCH, ContinuousGFlowNetTask, GFlowNetTask
 from kinetic.errors import ConfigError
 
 FIELDS = ("states", "actions", "lengths", "terminal_states", "log_rewards", "conditions")
@@ -264,3 +265,14 @@ def test_the_task_records_its_on_policy_batches_only() -> None:
     assert sampled[-1]["record_pass"] is False
     task_of(RECORD_PASS_MIN_BATCH - 1).loss(1)  # too small a batch for the recording to pay
     assert sampled[-1]["record_pass"] is False
+
+
+def test_a_continuous_environment_refuses_the_static_rollout() -> None:
+    env = Box()
+    policy = MLPPolicy(
+        env.featurize(env.initial_states(1)).shape[-1], env.n_forward_params,
+        n_backward_outputs=env.n_backward_params,
+    )  # fmt: skip
+    message = "task.rollout=static applies to discrete actions; a continuous environment (Box)"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ContinuousGFlowNetTask(env, GFlowNet(policy), get_loss("tb"), rollout="static")
