@@ -156,7 +156,7 @@ class NotInverse(HyperGrid):
     """backward_step decrements the mirrored coordinate."""
 
     def backward_step(self, states, actions):
-        return states - self._unit(self.ndim - 1 - actions)
+        return states - self._increments[self.ndim - 1 - actions]
 
 
 class NoParentAtSum3(HyperGrid):
