@@ -78,8 +78,8 @@ class HyperGrid(Env):
         # Lookup tables that keep the per-step methods to one or two operators each (the
         # sampler calls them on a few rows at every step, where operator count is the cost).
         self._one_hot = torch.eye(height, device=self.device)  # (H, H), row x = one-hot of x
-        eye = torch.eye(ndim + 1, ndim, dtype=torch.long, device=self.device)
-        self._increments = eye  # (D + 1, D): row d adds 1 to coordinate d, row D (stop) is 0
+        # (D + 1, D): row d adds 1 to coordinate d, row D (stop) is 0
+        self._increments = torch.eye(ndim + 1, ndim, dtype=torch.long, device=self.device)
         # Row-major place values H^(D-1-d), for flat state indices.
         self._place = height ** torch.arange(ndim - 1, -1, -1, device=self.device)  # (D,)
 

@@ -234,19 +234,17 @@ def _exploration_probs(logits: Tensor, mask: Tensor, epsilon: float, temperature
     return probs
 
 
-def _races(n_steps: int, n: int, n_actions: int, generator: torch.Generator) -> Tensor:
-    """Exp(1) draws for every step, trajectory and action of a rollout, ``(n_steps, n, A)``,
-    in one call; both rollouts read trajectory b's row of step t, so they draw the same
-    actions. Clamped above 0 so that `_race`'s division is finite."""
-    races = torch.empty(n_steps, n, n_actions, device=generator.device)
-    races.exponential_(generator=generator)
-    return races.clamp_min_(torch.finfo(races.dtype).tiny)  # (n_steps, n, A)
+def _races(shape: tuple[int, ...], generator: torch.Generator, dtype=torch.float32) -> Tensor:
+    """Exp(1) draws of `shape`, in one call, clamped above 0 so that `_race`'s division is
+    finite. A rollout draws every step's at once, ``(T_max, n, A)``: both rollouts read
+    trajectory b's row of step t, so they draw the same actions."""
+    races = torch.empty(shape, dtype=dtype, device=generator.device)
+    return races.exponential_(generator=generator).clamp_min_(torch.finfo(dtype).tiny)
 
 
 def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     """One action per row of `probs` ``(n, A)``, long ``(n,)``, from fresh races (`_race`)."""
-    races = torch.empty_like(probs).exponential_(generator=generator)  # (n, A)
-    return _race(probs, races.clamp_min_(torch.finfo(probs.dtype).tiny))
+    return _race(probs, _races(probs.shape, generator, probs.dtype))
 
 
 def _race(probs: Tensor, races: Tensor) -> Tensor:
@@ -384,7 +382,7 @@ def sample_trajectories(
     # which is most of the cost of the small per-step ops. The results are cloned out of it.
     with torch.inference_mode():
         current = env.initial_states(n) if start_states is None else start_states  # (n, *S)
-        races = _races(env.max_steps + 1, n, env.n_actions, generator)  # (T_max, n, A)
+        races = _races((env.max_steps + 1, n, env.n_actions), generator)  # (T_max, n, A)
         recorder = None
         if rollout == "static":
             states, actions = _static_rollout(
@@ -462,24 +460,18 @@ class _PassRecorder:
         after a step's deduplication stopped, keeps one row, so the backward runs once per
         distinct state as a second forward pass would). Outside inference mode, so its tensors
         are ordinary ones (autograd may save them)."""
-        states = torch.cat(self.states)  # (R, *S)
+        states, masks = torch.cat(self.states), torch.cat(self.masks)  # (R, *S), (R, A)
         rows = self.rows[:n_steps]  # (T, n)
         keep = None
         if self.unique_states:
             keep, inverse = _unique_rows(states)  # (U,), (R,)
             if keep.shape[0] < states.shape[0]:
-                states = states[keep]
+                states, masks = states[keep], masks[keep]
                 rows = torch.where(rows >= 0, inverse[rows.clamp(min=0)], PAD_ACTION)
             else:
                 keep = None
-        return SamplingPass(
-            self.policy,
-            self.versions,
-            states,
-            rows.clone(),
-            torch.cat(self.masks) if keep is None else torch.cat(self.masks)[keep],
-            MLPActivations.cat(self.passes, keep),
-        )
+        activations = MLPActivations.cat(self.passes, keep)
+        return SamplingPass(self.policy, self.versions, states, rows.clone(), masks, activations)
 
 
 def _dynamic_rollout(
@@ -507,7 +499,7 @@ def _dynamic_rollout(
     states = current.new_empty((races.shape[0] + 1, *current.shape))  # (T_max + 1, n, *S)
     actions = torch.full(races.shape[:2], PAD_ACTION, dtype=torch.long, device=device)
     states[0] = current
-    running = None  # None while all n run (no index ops needed), then their indices
+    running = None  # None while all n run (`_step_rows`), then their indices
     # States are rows of a hash only when conditions do not enter the policy's input, and a
     # batch of at most DEDUP_MIN_SAVED rows cannot save that many.
     dedup = unique_states and conditions is None and not current.is_floating_point()
@@ -528,20 +520,14 @@ def _dynamic_rollout(
         else:
             out, rows = recorder.evaluate(features, evaluated, mask, inverse, current.shape[0])
             logits = out.pf_logits
-            if running is None:
-                recorder.rows[t] = rows
-            else:
-                recorder.rows[t, running] = rows
+            recorder.rows[_step_rows(t, running)] = rows
         probs = _exploration_probs(logits, mask, epsilon, temperature)
         if inverse is not None:
             probs = probs[inverse]  # (n_running, A)
         elif probs.shape[0] < current.shape[0]:
             probs = probs.expand(current.shape[0], -1)  # (n, A), s0's row for everyone
-        chosen = _race(probs, races[t] if running is None else races[t, running])  # (n_running,)
-        if running is None:
-            actions[t] = chosen
-        else:
-            actions[t, running] = chosen
+        chosen = _race(probs, races[_step_rows(t, running)])  # (n_running,)
+        actions[_step_rows(t, running)] = chosen
         # Syncs with the host once per step: the loop must know who has exited.
         moving = (chosen != stop).nonzero().squeeze(1)  # (n_moving,)
         if moving.numel() == 0:
@@ -552,10 +538,7 @@ def _dynamic_rollout(
             if conditions is not None:
                 conditions = conditions[moving]
         current = env.step(current, chosen)
-        if running is None:
-            states[t + 1] = current
-        else:
-            states[t + 1, running] = current
+        states[_step_rows(t + 1, running)] = current
     else:
         _raise_not_exited(env, n if running is None else running.numel())
     n_steps = t + 1  # T
@@ -566,6 +549,12 @@ def _dynamic_rollout(
     visited = torch.arange(n_steps + 1, device=device).unsqueeze(1) <= lengths  # (T + 1, n)
     visited = visited.view(*visited.shape, *([1] * (current.dim() - 1)))
     return torch.where(visited, states[: n_steps + 1], terminal_states), actions
+
+
+def _step_rows(t: int, running: Tensor | None) -> tuple[int] | tuple[int, Tensor]:
+    """The index of step `t`'s entries of the running trajectories in a ``(T, n, ...)``
+    buffer: the whole row while all run (`running` None; no index op), else theirs."""
+    return (t,) if running is None else (t, running)
 
 
 def _static_rollout(
@@ -692,10 +681,10 @@ def trajectory_log_probs(
     recorded = trajectories.sampling_pass
     if recorded is not None and recorded.serves(gflownet):
         states, inverse = recorded.states, recorded.rows[visited]  # (U, *S), (N,)
-        policy = recorded.policy
-        out = policy.replay(recorded.activations) if torch.is_grad_enabled() else None
-        if out is None:
-            out = policy.split_heads(recorded.activations.output)
+        if torch.is_grad_enabled():
+            out = recorded.policy.replay(recorded.activations)
+        else:
+            out = recorded.policy.split_heads(recorded.activations.output)
         forward_mask = recorded.forward_mask  # (U, A)
     else:
         flat_states = trajectories.states[:n_steps][visited]  # (N, *S)
