@@ -308,6 +308,12 @@ class GFlowNetLoss(ABC):
         """Whether the policy must have a flow head (log F(s))."""
         return "log_flows" in self.needs
 
+    @property
+    def scores_log_probs(self) -> bool:
+        """Whether `score` gives the trajectories' log-probabilities (log-densities on a
+        continuous environment) rather than edge flows or exit scores."""
+        return {"edge_flows", "exit_scores"}.isdisjoint(self.needs)
+
     def score(self, model: torch.nn.Module, env: Env, trajectories: Trajectories) -> Any:
         """What `__call__` scores, from one trunk pass of `model` over the visited states:
         edge flows, exit scores, or the trajectories' log-probabilities (and flows); on a

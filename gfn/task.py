@@ -121,7 +121,7 @@ def build_policy(cfg: DictConfig, env: Env, flow_head: bool = False) -> torch.nn
 def check_loss_fits(env: Env | ContinuousEnv, loss: GFlowNetLoss) -> None:
     """A loss scored from edge flows or exit probabilities (fm, mdb) needs discrete actions
     and reads no condition: refused by name on a continuous or a conditional environment."""
-    if {"edge_flows", "exit_scores"}.isdisjoint(loss.needs):
+    if loss.scores_log_probs:
         return
     if isinstance(env, ContinuousEnv):
         kind = "continuous"
@@ -214,9 +214,6 @@ class GFlowNetTask(Task):
         self.batch_size = batch_size  # global: split over the ranks of a distributed run
         self.local_batch_size = distributed.per_rank(batch_size, "task.batch_size")
         self.epsilon, self.temperature = epsilon, temperature
-        # Whether the loss scores log-probabilities (`trajectory_log_probs`), which a batch's
-        # recorded sampling pass can serve.
-        self.scores_log_probs = not ({"edge_flows", "exit_scores"} & set(loss.needs))
         self.rollout = check_choice("task.rollout", rollout, ROLLOUTS)
         self.rollout_chunk = check_int("task.rollout_chunk", rollout_chunk, 1)
         if compile_rollout and rollout != "static":
@@ -330,7 +327,7 @@ class GFlowNetTask(Task):
         # is scored from the sampling pass (no second forward pass of the policy) when it is
         # large enough for that to pay.
         record_pass = (
-            self.scores_log_probs
+            self.loss_fn.scores_log_probs  # (what a recorded pass can serve)
             and n_old == 0
             and self.local_batch_size >= RECORD_PASS_MIN_BATCH
             and self.local_search is None
