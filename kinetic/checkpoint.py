@@ -46,6 +46,7 @@ __all__ = [
     "run_identity",
     "save_checkpoint",
     "start_run_dir",
+    "write_folder_atomic",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -91,6 +92,40 @@ def _write_atomic(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_folder_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """The folder `path`, filled by `write(folder)` in a temporary folder beside it, every file
+    fsynced, then renamed into place; returns `path`.
+
+    A reader finds the previous folder or the new one, never a half-written one. An existing
+    `path` is first renamed aside (a folder cannot be renamed over a non-empty one), so for an
+    instant neither is at `path`; a crash in that instant leaves the previous folder at
+    `.<name>.old`, which the next write removes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        for item in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
+            if item.is_dir():
+                _fsync_dir(item)
+            else:
+                with open(item, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def _digest_path(path: Path) -> Path:
@@ -148,17 +183,40 @@ class Checkpoints:
     `save(step, **payload)` writes `checkpoints/checkpoint_<step>.pt` and deletes the oldest
     beyond `keep`; `latest()` is the newest file; `load_latest()` the newest that loads, falling
     back to older ones with a warning when the newest is truncated or corrupt.
+
+    With `export_name` (a task's `Task.export_name`), `save(step, export=write, ...)` also
+    writes the folder `checkpoints/<export_name>_<step>/` with `write(folder)` (atomically,
+    before the checkpoint, so every kept checkpoint has its export beside it); an export is
+    deleted with its checkpoint.
     """
 
-    def __init__(self, run_dir: str | Path, keep: int = 3) -> None:
+    def __init__(self, run_dir: str | Path, keep: int = 3, export_name: str | None = None) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ConfigError(f"Invalid train.keep_checkpoints: {keep!r}; expected an int >= 1")
         self.run_dir = Path(run_dir)
         self.folder = self.run_dir / CHECKPOINT_DIR
         self.keep = keep
+        self.export_name = export_name
 
     def path(self, step: int) -> Path:
         return self.folder / f"checkpoint_{step:07d}.pt"
+
+    def export_path(self, step: int) -> Path:
+        """The export folder beside the checkpoint of `step`."""
+        if self.export_name is None:
+            raise ValueError("These checkpoints have no exports (export_name is None)")
+        return self.folder / f"{self.export_name}_{step:07d}"
+
+    def export_paths(self) -> list[Path]:
+        """The export folders on disk, oldest first (by step)."""
+        if self.export_name is None or not self.folder.is_dir():
+            return []
+        pattern = re.compile(rf"^{re.escape(self.export_name)}_(\d{{7,}})$")
+        found = [
+            (int(m[1]), p) for p in self.folder.iterdir() if (m := pattern.match(p.name))
+            and p.is_dir()
+        ]  # fmt: skip
+        return [p for _, p in sorted(found)]
 
     def paths(self) -> list[Path]:
         """The numbered checkpoints on disk, oldest first (by step)."""
@@ -171,13 +229,21 @@ class Checkpoints:
         paths = self.paths()
         return paths[-1] if paths else None
 
-    def save(self, step: int, /, **payload: Any) -> Path:
-        """Write the checkpoint of `step` (stored as its "step") atomically, then prune to the
-        last `keep`."""
+    def save(
+        self, step: int, /, export: Callable[[Path], None] | None = None, **payload: Any
+    ) -> Path:
+        """Write the checkpoint of `step` (stored as its "step") atomically, after its export
+        folder when `export` is given, then prune to the last `keep` (and their exports)."""
+        if export is not None:
+            write_folder_atomic(self.export_path(step), export)
         path = save_checkpoint(self.path(step), **{**payload, "step": step})
         for old in self.paths()[: -self.keep]:
             _digest_path(old).unlink(missing_ok=True)
             old.unlink(missing_ok=True)
+        kept = {int(_NAME.match(p.name)[1]) for p in self.paths()}
+        for folder in self.export_paths():
+            if int(folder.name.rpartition("_")[2]) not in kept:
+                shutil.rmtree(folder, ignore_errors=True)
         return path
 
     def load_latest(
@@ -240,9 +306,10 @@ def run_identity(
     }
     for key in keys:
         group, _, leaf = key.partition(".")
-        node = _plain(cfg.get(group)) if group in cfg else None
-        for part in leaf.split(".") if leaf else ():
-            node = node.get(part) if isinstance(node, dict) else None
+        node = cfg.get(group) if group in cfg else None
+        for part in leaf.split(".") if leaf else ():  # only the key's own value is resolved
+            node = node.get(part) if isinstance(node, Mapping) else None
+        node = _plain(node)
         if isinstance(node, dict) and not leaf:
             identity |= {f"{group}.{k}": v for k, v in node.items() if f"{group}.{k}" not in ignore}
         elif key not in ignore:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from kinetic import distributed
-from kinetic.checkpoint import Checkpoints
+from kinetic.checkpoint import Checkpoints, write_folder_atomic
 from kinetic.config import TrainConfig
 from kinetic.interrupt import RunInterrupted, StopRequest
 from kinetic.logging import RunLogger
@@ -165,7 +165,9 @@ class _Run:
         run.module = distributed.data_parallel(task.train_module())
         run.monitor, run.guard = _build_monitors(monitor, task, optimizer, config.log_every)
         if run.logger.run_dir is not None:
-            run.checkpoints = Checkpoints(run.logger.run_dir, config.keep_checkpoints)
+            run.checkpoints = Checkpoints(
+                run.logger.run_dir, config.keep_checkpoints, task.export_name
+            )
         # Every rank takes part in a checkpoint (its per-rank state is gathered to rank 0).
         run.saving = distributed.agree(run.checkpoints is not None)
         return run
@@ -290,6 +292,7 @@ class _Run:
                 self.logger.image(step, f"eval/{tag}", image)
         self.logger.postfix(**{k: metrics[k] for k in self.task.progress_keys if k in metrics})
         spent = time.perf_counter() - started
+        self.logger.scalars(step, {"perf/eval_seconds": spent})
         self.state.eval_time += spent
         self.state.window_eval += spent
 
@@ -310,9 +313,11 @@ class _Run:
             loop=self.state.state_dict(), generators=self.task.generators(),
             precision=self.precision, per_rank=per_rank,
         )  # fmt: skip
+        export = None if self.task.export_name is None else self.task.export
         return self.checkpoints.save(
-            self.state.step, **payload, identity=dict(self.identity), config=self.run_config
-        )
+            self.state.step, **payload, export=export, identity=dict(self.identity),
+            config=self.run_config,
+        )  # fmt: skip
 
     def checkpoint_or_stop(self, step: int, loss: Tensor) -> None:
         """The periodic and last checkpoints; on a stop request (SIGTERM/Ctrl-C), which the
@@ -334,8 +339,12 @@ class _Run:
             raise RunInterrupted(stop.signal, stop.exit_code, step, path)
 
     def finish(self) -> dict[str, float]:
-        """The final metrics, the same on every rank (rank 0's evaluation), in metrics.json;
-        `FloatingPointError` if the last loss is not finite."""
+        """The task's export (`Task.export`) in <run_dir>/<export_name>/; the final metrics,
+        the same on every rank (rank 0's evaluation), in metrics.json; `FloatingPointError` if
+        the last loss is not finite."""
+        name = self.task.export_name
+        if self.checkpoints is not None and name is not None:  # rank 0 of a run with a folder
+            write_folder_atomic(self.checkpoints.run_dir / name, self.task.export)
         state, steps = self.state, self.config.steps
         wall, items = state.elapsed(), steps * self.task.items_per_step
         last = self.last_loss
@@ -346,6 +355,7 @@ class _Run:
             self.task.items_name: float(items),
             f"{self.task.items_name}_per_sec": items / max(wall - state.eval_time, 1e-9),
             "wall_time_s": wall,
+            "eval_time_s": state.eval_time,
         }
         if self.guard is not None:
             final["nonfinite_skips"] = float(self.guard.total_skips)

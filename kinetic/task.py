@@ -45,6 +45,8 @@ class Task(ABC):
     - `per_rank_state` (tuple of str or None): the keys of `state_dict()` that differ between
       the ranks of a distributed run (a replay buffer, visited states): its checkpoints hold
       them once per rank, the rest once. None (the default): every key, the safe choice.
+    - `export_name` (str or None): the name of the folder `export` writes (e.g. "pipeline"),
+      None (the default) for a task that exports nothing.
 
     In a distributed run (torchrun) every rank builds the same task; the task draws its
     batches from `kinetic.distributed.rank_seed(seed)` and its share of the global batch
@@ -59,6 +61,7 @@ class Task(ABC):
     objective_key: str | None = None
     generator: torch.Generator | None = None
     per_rank_state: tuple[str, ...] | None = None
+    export_name: str | None = None
 
     def train_module(self) -> torch.nn.Module:
         """The module whose forward pass `loss` differentiates: `model` by default (a task that
@@ -104,6 +107,17 @@ class Task(ABC):
         """The task's own random streams by name, saved and restored with every checkpoint
         (torch's global and numpy's streams are saved anyway). Default: `generator`, if any."""
         return {} if self.generator is None else {"generator": self.generator}
+
+    def export(self, folder: Path) -> None:
+        """Write the trained model into the empty folder `folder` in its field's own format,
+        for use without kinetic (e.g. a diffusers pipeline, `save_pretrained`). With a run
+        directory and `export_name` set, the loop calls it on rank 0 beside every checkpoint
+        (checkpoints/<export_name>_<step>/, deleted with its checkpoint) and after the last
+        step (<run_dir>/<export_name>/), each folder written atomically. Default: refuse."""
+        raise NotImplementedError(
+            f"{type(self).__name__} sets export_name={self.export_name!r} but defines no "
+            "export(folder)"
+        )
 
     def images(self, step: int) -> dict[str, np.ndarray]:
         """Images to log at evaluation, (H, W, 3) in [0, 1]. Default: none."""

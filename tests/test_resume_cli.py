@@ -36,7 +36,7 @@ DDPM = [
     "train.checkpoint_every=20", "monitor.sharpness.every=20", "monitor.sharpness.iters=2",
     *COMMON,
 ]  # fmt: skip
-TIMING = ("wall_time_s", "trajectories_per_sec", "images_per_sec")
+TIMING = ("wall_time_s", "eval_time_s", "trajectories_per_sec", "images_per_sec")
 
 
 def _command(run_dir: Path, *args: str) -> list[str]:
