@@ -9,7 +9,7 @@ the modules that implement them.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from kinetic.validate import check_choice, check_float, check_int, check_probabi
 
 __all__ = [
     "DATASETS",
+    "DEFAULT_STEPS",
     "IMAGE_SUFFIXES",
     "LR_SCHEDULES",
     "SAMPLERS",
@@ -34,7 +35,10 @@ __all__ = [
 
 DATASETS = ("digits", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # diffusion.sampling.build_sampler's
+# Steps per sampler when none are asked for (sample.py): DDPM's whole chain, and the step
+# counts at which DDIM and DPM-Solver++ are usually run.
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmsolver++": 25}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # diffusers' DDPMScheduler's
 # diffusers get_scheduler names that need only warm-up and total steps.
 LR_SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -56,9 +60,12 @@ class EMAConfig:
 class SamplingConfig:
     """`task.sampling`: the evaluation sampler."""
 
-    scheduler: str = "ddpm"  # ddpm | ddim
+    scheduler: str = "ddpm"  # ddpm | ddim | dpmsolver++
     steps: int = 50  # sampler steps, in [1, num_train_timesteps]
     grid_samples: int = 64  # samples shown in the grid (TensorBoard and samples/*.png)
+    # task.conditional: the classifier-free guidance scales evaluated (1 = the conditional
+    # model alone); the quality metrics are those of the first.
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
 
 
 @dataclass
@@ -72,6 +79,11 @@ class DDPMTaskConfig(TaskSchema):
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     quality: bool = True  # digits only: classifier FD, confidence, class entropy per evaluation
+    # Class-conditional DDPM with classifier-free guidance (arXiv 2207.12598), digits only:
+    # the UNet learns the class embeddings plus a "no class" one, which replaces the label of
+    # a `label_dropout` share of the training images.
+    conditional: bool = False
+    label_dropout: float = 0.1
     cache_dir: str = ".cache/kinetic"  # the quality classifier, trained once
 
 
@@ -100,6 +112,17 @@ def _validate_task(node: Mapping[str, Any]) -> None:
     check_choice("task.sampling.scheduler", sampling["scheduler"], SAMPLERS)
     check_int("task.sampling.steps", sampling["steps"], 1, timesteps)
     check_int("task.sampling.grid_samples", sampling["grid_samples"], 1)
+    check_guidance_scales("task.sampling.guidance_scales", sampling["guidance_scales"])
+    if node["conditional"]:
+        check_float("task.label_dropout", node["label_dropout"], 0.0, 1.0, low_open=True,
+                    high_open=True)  # fmt: skip
+
+
+def check_guidance_scales(key: str, scales: Any) -> list[float]:
+    """A non-empty list of classifier-free guidance scales, each a float >= 0."""
+    if isinstance(scales, str) or not isinstance(scales, Sequence) or len(scales) == 0:
+        raise ConfigError(f"Invalid {key}: {scales!r}; expected a non-empty list of floats >= 0")
+    return [check_float(f"{key}[{i}]", w, 0.0) for i, w in enumerate(scales)]
 
 
 def validate_image_folder(path: Any) -> Path:
@@ -175,10 +198,20 @@ def check_unet_resolution(resolution: int, levels: int) -> None:
         )
 
 
+def check_conditional(conditional: bool, data_name: str) -> None:
+    """A class-conditional DDPM needs labelled images: the digits."""
+    if conditional and data_name != "digits":
+        raise ConfigError(
+            f"task.conditional=true needs labelled images, and data={data_name} has no labels; "
+            "use data=digits or task.conditional=false"
+        )
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
     """The DDPM groups of a composed config: `task`, `data`, `model` (the UNet)."""
     _validate_task(cfg["task"])
     validate_data(cfg["data"])
+    check_conditional(cfg["task"]["conditional"], cfg["data"]["name"])
     validate_unet(cfg.get("model") or {}, cfg["data"]["resolution"])
 
 
@@ -193,10 +226,10 @@ register_task(
     schema=DDPMTaskConfig,
     groups={"data": DataConfig, "model": None},
     validate=validate,
-    identity=("data", "model"),
+    identity=("data", "model", "task.conditional"),
     identity_ignore=("data.heldout_size",),
     hparams=("model", "data", "task.batch_size"),
     run_name=run_name,
     lr_schedules=LR_SCHEDULES,
-    outputs=("samples",),
+    outputs=("samples", "pipeline"),
 )

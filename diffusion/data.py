@@ -131,16 +131,35 @@ def build_dataset(cfg: DictConfig, seed: int, device: torch.device | str = "cpu"
 
 
 class BatchSampler:
-    """Random batches (with replacement) from an on-device image tensor, seeded."""
+    """Random batches (with replacement) from an on-device image tensor, seeded; with `labels`
+    (N,), `labeled()` draws each image's label with it."""
 
-    def __init__(self, images: Tensor, batch_size: int, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        batch_size: int,
+        generator: torch.Generator,
+        labels: Tensor | None = None,
+    ) -> None:
         check_int("task.batch_size", batch_size, 1)
+        if labels is not None and labels.shape != images.shape[:1]:
+            raise ValueError(f"Expected {images.shape[0]} labels, got {tuple(labels.shape)}")
         self.images, self.batch_size, self.generator = images, batch_size, generator
+        self.labels = labels
 
-    def __call__(self) -> Tensor:
-        """A batch (B, C, H, W); the index draw stays on the device (no host sync)."""
-        index = torch.randint(
+    def _index(self) -> Tensor:
+        """(B,) indices; the draw stays on the device (no host sync)."""
+        return torch.randint(
             self.images.shape[0], (self.batch_size,), generator=self.generator,
             device=self.images.device,
         )  # fmt: skip
-        return self.images[index]
+
+    def __call__(self) -> Tensor:
+        """A batch (B, C, H, W)."""
+        return self.images[self._index()]
+
+    def labeled(self) -> tuple[Tensor, Tensor | None]:
+        """A batch (B, C, H, W) and its labels (B,) (None without labels); the same draw as
+        `__call__`."""
+        index = self._index()
+        return self.images[index], None if self.labels is None else self.labels[index]

@@ -138,6 +138,16 @@ class DigitQuality:
         return self.classifier.features(images.to(self.device, torch.float32))
 
     @torch.no_grad()
+    def class_match(self, samples: Tensor, labels: Tensor) -> float:
+        """The share of `samples` (N, 1, H, W) in [-1, 1] that the classifier assigns to the
+        class asked for, `labels` (N,)."""
+        if labels.shape != samples.shape[:1]:
+            raise ValueError(f"Expected {samples.shape[0]} labels, got {tuple(labels.shape)}")
+        samples = resize_center_crop(samples.to(self.device, torch.float32), 8)
+        predicted = self.classifier(samples).argmax(1)
+        return float((predicted == labels.to(self.device)).double().mean())
+
+    @torch.no_grad()
     def __call__(self, samples: Tensor) -> dict[str, float]:
         """`samples` (N, 1, H, W) in [-1, 1], N = the reference size; H = W = 8 or resized to 8.
 

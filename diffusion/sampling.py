@@ -1,33 +1,80 @@
-"""Sampling from a trained ε-prediction UNet with the DDPM scheduler (arXiv 2006.11239) or the
-fewer-step DDIM one (arXiv 2010.02502), and sample grids as images."""
+"""Sampling from a trained ε-prediction UNet with diffusers' schedulers: ancestral DDPM
+(arXiv 2006.11239), deterministic DDIM (arXiv 2010.02502) or DPM-Solver++ (2M, arXiv
+2211.01095), optionally class-conditional with classifier-free guidance (arXiv 2207.12598),
+and sample grids as images."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from diffusion.config import SAMPLERS
+from kinetic.errors import ConfigError
 from kinetic.validate import check_choice, check_int
 
+_SCHEDULERS = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+}
 
-def build_sampler(name: str, train_scheduler: DDPMScheduler, steps: int) -> SchedulerMixin:
-    """A scheduler for sampling with the training noise schedule, set to `steps` steps: `ddpm`
-    (ancestral; fewer steps than training respace the chain) or `ddim` (deterministic, eta = 0).
+
+def build_sampler(
+    name: str,
+    train_config: SchedulerMixin | Mapping[str, Any],
+    steps: int,
+    keys: tuple[str, str] = ("task.sampling.scheduler", "task.sampling.steps"),
+) -> SchedulerMixin:
+    """A scheduler for sampling with the training noise schedule (a scheduler or its config),
+    set to `steps` steps: `ddpm` (ancestral; fewer steps than training respace the chain),
+    `ddim` (deterministic, eta = 0) or `dpmsolver++` (DPM-Solver++ 2M, deterministic).
 
     Timesteps are spaced "trailing" (arXiv 2305.08891, Table 2), so the first step is t = T-1
-    and sampling starts from pure noise whatever the step count.
+    and sampling starts from pure noise whatever the step count. `keys` name the name and step
+    count in error messages (the config keys, or an entry point's flags).
     """
-    check_choice("task.sampling.scheduler", name, SAMPLERS)
-    check_int("task.sampling.steps", steps, 1, train_scheduler.config.num_train_timesteps)
-    cls = DDPMScheduler if name == "ddpm" else DDIMScheduler
-    scheduler = cls.from_config(train_scheduler.config, timestep_spacing="trailing")
+    config = getattr(train_config, "config", train_config)
+    check_choice(keys[0], name, SAMPLERS)
+    check_int(keys[1], steps, 1, config["num_train_timesteps"])
+    cls, options = _SCHEDULERS[name]  # the names are SAMPLERS (a test keeps them equal)
+    scheduler = cls.from_config(config, timestep_spacing="trailing", **options)
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def null_label(model: UNet2DModel) -> int:
+    """The class label that means "no class" to a class-conditional UNet (its last class
+    embedding, the one classifier-free guidance trains with dropped labels)."""
+    classes = model.config.num_class_embeds
+    if classes is None:
+        raise ConfigError("This UNet is unconditional: it takes no class labels")
+    return classes - 1
+
+
+@torch.no_grad()
+def _epsilon(
+    model: UNet2DModel, x: Tensor, t: Tensor, labels: Tensor | None, guidance_scale: float
+) -> Tensor:
+    """The noise prediction at x_t; with class labels, classifier-free guided:
+    ε = ε(x, ∅) + w (ε(x, y) − ε(x, ∅)) (w = 1: the conditional model alone, one pass)."""
+    if labels is None:
+        return model(x, t).sample
+    if guidance_scale == 1.0:
+        return model(x, t, class_labels=labels).sample
+    unconditional = torch.full_like(labels, null_label(model))
+    if guidance_scale == 0.0:
+        return model(x, t, class_labels=unconditional).sample
+    both = model(torch.cat([x, x]), t, class_labels=torch.cat([labels, unconditional])).sample
+    conditional, free = both.chunk(2)
+    return free + guidance_scale * (conditional - free)
 
 
 @torch.no_grad()
@@ -37,12 +84,21 @@ def sample_images(
     n: int,
     generator: torch.Generator,
     batch_size: int = 500,
+    class_labels: Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> Tensor:
     """`n` images (n, C, H, W) in [-1, 1] (clamped), drawn in chunks of `batch_size`.
 
     `scheduler` comes from `build_sampler` (its timesteps already set). Randomness comes only
-    from `generator` (the initial noise, and DDPM's per-step noise), so a seed fixes the images.
+    from `generator` (the initial noise, and DDPM's per-step noise), so a seed fixes the images;
+    the draws are those of diffusers' `DDPMPipeline` for the same generator and scheduler.
+    `class_labels` (n,) ask a class-conditional UNet for those classes, with classifier-free
+    guidance of scale `guidance_scale` (>= 0; 1 = none).
     """
+    if class_labels is not None and class_labels.shape != (n,):
+        raise ValueError(f"Expected class_labels of shape ({n},), got {tuple(class_labels.shape)}")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"Invalid guidance scale: {guidance_scale}; expected a float >= 0")
     config = model.config
     size = config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -52,14 +108,14 @@ def sample_images(
     chunks = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
+        labels = None if class_labels is None else class_labels[start : start + count].to(device)
         shape = (count, config.in_channels, height, width)
         x = torch.randn(shape, generator=generator, device=device)  # x_T ~ N(0, I)
+        # A multistep scheduler keeps the previous outputs: each chunk starts it afresh.
+        scheduler.set_timesteps(scheduler.num_inference_steps)
         for t in scheduler.timesteps:
-            epsilon = model(x, t).sample
-            if isinstance(scheduler, DDPMScheduler):
-                x = scheduler.step(epsilon, t, x, generator=generator).prev_sample
-            else:
-                x = scheduler.step(epsilon, t, x).prev_sample
+            epsilon = _epsilon(model, scheduler.scale_model_input(x, t), t, labels, guidance_scale)
+            x = scheduler.step(epsilon, t, x, generator=generator).prev_sample
         chunks.append(x.clamp(-1.0, 1.0))
     model.train(was_training)
     return torch.cat(chunks)

@@ -3,7 +3,7 @@ the weights, diffusers' warm-up + decay schedule, and sample quality at each eva
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -18,22 +18,32 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from diffusion.config import LR_SCHEDULES, EMAConfig, check_unet_resolution
+from diffusion.config import (
+    LR_SCHEDULES,
+    EMAConfig,
+    check_conditional,
+    check_guidance_scales,
+    check_unet_resolution,
+)
 from diffusion.data import BatchSampler, ImageData, build_dataset
-from diffusion.quality import DigitQuality, cached_classifier
-from diffusion.sampling import build_sampler, image_grid, sample_images, save_grid
+from diffusion.pipeline import pipeline_scheduler, save_pipeline
+from diffusion.quality import N_CLASSES, DigitQuality, cached_classifier
+from diffusion.sampling import build_sampler, image_grid, null_label, sample_images, save_grid
 from kinetic import distributed
 from kinetic.checkpoint import check_state_shapes
 from kinetic.config import TrainConfig
 from kinetic.device import resolve_device
 from kinetic.errors import ConfigError
 from kinetic.task import Task
-from kinetic.validate import check_choice, check_int
+from kinetic.validate import check_choice, check_float, check_int
 
 
-def build_unet(model_cfg: DictConfig | dict, channels: int, resolution: int) -> UNet2DModel:
+def build_unet(
+    model_cfg: DictConfig | dict, channels: int, resolution: int, classes: int | None = None
+) -> UNet2DModel:
     """diffusers' UNet2DModel from `model_cfg` (its own argument names; `name` is dropped), with
-    the data's channels and resolution, which must survive every downsampling."""
+    the data's channels and resolution, which must survive every downsampling. `classes`: a
+    class-conditional UNet with `classes + 1` class embeddings (the last one: no class)."""
     kwargs = {k: v for k, v in dict(model_cfg).items() if k != "name"}
     kwargs = OmegaConf.to_container(OmegaConf.create(kwargs)) if kwargs else kwargs
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
@@ -41,6 +51,8 @@ def build_unet(model_cfg: DictConfig | dict, channels: int, resolution: int) -> 
             kwargs[key] = tuple(kwargs[key])
     check_unet_resolution(resolution, len(kwargs.get("down_block_types", ())))
     try:
+        if classes is not None:
+            kwargs["num_class_embeds"] = classes + 1
         return UNet2DModel(
             sample_size=resolution, in_channels=channels, out_channels=channels, **kwargs
         )
@@ -69,17 +81,23 @@ class DDPMTask(Task):
     """DDPM (arXiv 2006.11239) on one image dataset; digits also get classifier-based quality.
 
     A step draws a batch x_0, a timestep t ~ U{0..T-1} and noise ε per image, and regresses the
-    UNet's output on ε (MSE). The EMA weights are the ones sampled and evaluated.
+    UNet's output on ε (MSE). The EMA weights are the ones sampled, evaluated and exported as a
+    diffusers pipeline (`export`). A class-conditional UNet (`build_unet(..., classes=10)`)
+    also gets each image's label, replaced by the "no class" label with probability
+    `label_dropout`, so that one network learns both the conditional and the unconditional
+    noise prediction that classifier-free guidance (arXiv 2207.12598) combines at sampling.
 
     Args:
         data: the images (`diffusion.data.build_dataset`); `data.train` (N, C, R, R) in [-1, 1].
-        model: the UNet2DModel (`build_unet`), sized for the data's channels and resolution.
+            A class-conditional UNet also reads `data.labels` (N,).
+        model: the UNet2DModel (`build_unet`), sized for the data's channels and resolution;
+            with `num_class_embeds` set, the task is class-conditional.
         noise_scheduler: the training noise schedule (`build_noise_scheduler`).
         batch_size: images per step, over all ranks of a distributed run (each rank draws
             batch_size / world_size of them).
         ema: the EMA of the weights (diffusers' EMAModel on `model`); None: EMAModel with
             `EMAConfig`'s defaults (those of `task.ema`).
-        sampler: the evaluation sampler, ddpm | ddim.
+        sampler: the evaluation sampler, ddpm | ddim | dpmsolver++.
         sampling_steps: sampler steps, in [1, num_train_timesteps].
         grid_samples: samples shown in the image grid.
         quality: the digit quality metrics (`DigitQuality`), None for none.
@@ -88,6 +106,11 @@ class DDPMTask(Task):
             `distributed.rank_seed(seed, r)`) and (seed + 1) the evaluation samples.
         compile: train through `torch.compile` of the UNet, in channels_last memory format
             (sampling stays eager: its batch sizes differ from training's).
+        label_dropout: class-conditional: the share of training labels replaced by "no class".
+        guidance_scales: class-conditional: the guidance scales evaluated (1 = none); the
+            quality metrics are those of the first, and with `quality` each one's
+            `class_match_g<scale>` is the share of samples the classifier assigns to the
+            class asked for.
 
     The run's device is the data's: `model` (and `ema`, `quality`) must live there too.
     """
@@ -97,6 +120,7 @@ class DDPMTask(Task):
     progress_keys = ("fd_ratio",)
     summary_keys = ("loss", "fd", "fd_ratio", "confidence", "class_entropy", "images_per_sec")
     objective_key = "fd_ratio"
+    export_name = "pipeline"
 
     def __init__(
         self,
@@ -113,11 +137,24 @@ class DDPMTask(Task):
         run_dir: str | Path | None = None,
         seed: int = 0,
         compile: bool = False,
+        label_dropout: float = 0.1,
+        guidance_scales: Sequence[float] = (1.0, 3.0),
     ) -> None:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.data = data
         images = self.data.train
         self.model = model
+        self.conditional = model.config.num_class_embeds is not None
+        if self.conditional:
+            if data.labels is None:
+                check_conditional(True, data.name)  # refuses: no labels
+            check_int("num_class_embeds", model.config.num_class_embeds, N_CLASSES + 1)
+            check_float("task.label_dropout", label_dropout, 0.0, 1.0, low_open=True,
+                        high_open=True)  # fmt: skip
+        self.label_dropout = label_dropout
+        self.guidance_scales = check_guidance_scales(
+            "task.sampling.guidance_scales", guidance_scales
+        )
         self.channels_last = compile
         self.compiled = None
         if compile:
@@ -136,7 +173,8 @@ class DDPMTask(Task):
             distributed.rank_seed(seed)
         )
         local_batch = distributed.per_rank(batch_size, "task.batch_size")
-        self.batches = BatchSampler(images, local_batch, self.generator)
+        labels = data.labels if self.conditional else None
+        self.batches = BatchSampler(images, local_batch, self.generator, labels)
         self.items_per_step = batch_size
         self.seed = seed
 
@@ -147,6 +185,12 @@ class DDPMTask(Task):
         # FD compares equal sample counts; without quality metrics only the grid is drawn.
         self.eval_samples = grid_samples if quality is None else quality.n_reference
         self._last_samples: Tensor | None = None
+        if self.conditional and quality is not None:
+            self.summary_keys = (*self.summary_keys[:-1], *self._match_keys(), "images_per_sec")
+
+    def _match_keys(self) -> list[str]:
+        """`class_match_g1`, `class_match_g3`, `class_match_g1p5`: one per guidance scale."""
+        return [f"class_match_g{w:g}".replace(".", "p") for w in self.guidance_scales]
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: str | Path | None = None) -> DDPMTask:
@@ -154,10 +198,12 @@ class DDPMTask(Task):
         (ddpm), `train` (its lr schedule is diffusers') and `seed`."""
         check_lr_schedule(cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.steps)
         tc = cfg.task
+        check_conditional(tc.conditional, cfg.data.name)
         device = resolve_device(cfg.get("device", "auto"))
         data = build_dataset(cfg.data, cfg.seed, device)
         channels, resolution = data.train.shape[1], data.train.shape[-1]
-        model = build_unet(cfg.model, channels, resolution).to(device)
+        classes = N_CLASSES if tc.conditional else None
+        model = build_unet(cfg.model, channels, resolution, classes).to(device)
         noise_scheduler = build_noise_scheduler(tc)
         ema = EMAModel(
             model.parameters(), decay=tc.ema.decay, use_ema_warmup=tc.ema.use_ema_warmup,
@@ -173,7 +219,8 @@ class DDPMTask(Task):
             data, model, noise_scheduler, batch_size=tc.batch_size, ema=ema,
             sampler=tc.sampling.scheduler, sampling_steps=tc.sampling.steps,
             grid_samples=tc.sampling.grid_samples, quality=quality, run_dir=run_dir,
-            seed=cfg.seed, compile=cfg.get("compile", False),
+            seed=cfg.seed, compile=cfg.get("compile", False), label_dropout=tc.label_dropout,
+            guidance_scales=list(tc.sampling.guidance_scales),
         )  # fmt: skip
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -199,7 +246,7 @@ class DDPMTask(Task):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """ε-prediction MSE of one batch through `model` (default: `train_module()`)."""
         model = self.train_module() if model is None else model
-        x0 = self.batches()  # (B, C, H, W)
+        x0, labels = self.batches.labeled()  # (B, C, H, W), (B,) or None
         batch = x0.shape[0]
         noise = torch.randn(x0.shape, generator=self.generator, device=x0.device)
         t = torch.randint(
@@ -211,18 +258,40 @@ class DDPMTask(Task):
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        # bf16 or fp16 under autocast; DDP (and the compiled UNet) through `model`.
-        prediction = model(x_t, t).sample
+        if labels is None:
+            prediction = model(x_t, t).sample  # bf16 or fp16 under autocast; DDP via `model`
+        else:
+            # Classifier-free guidance's training (Ho & Salimans, Algorithm 1): drop labels.
+            dropped = torch.rand(batch, generator=self.generator, device=x0.device)
+            labels = labels.masked_fill(dropped < self.label_dropout, null_label(self.model))
+            prediction = model(x_t, t, class_labels=labels).sample
         return F.mse_loss(prediction.float(), noise), {}
 
     def after_step(self, step: int) -> None:
         self.ema.step(self.model.parameters())
 
-    def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        """`n` images in [-1, 1] from the EMA weights with the evaluation sampler."""
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator,
+        class_labels: Tensor | None = None,
+        guidance_scale: float = 1.0,
+    ) -> Tensor:
+        """`n` images in [-1, 1] from the EMA weights with the evaluation sampler; a
+        class-conditional task draws the classes `class_labels` (n,) (default: 0, 1, ..., 9,
+        0, 1, ...) with classifier-free guidance of scale `guidance_scale`."""
         sampler = build_sampler(self.sampler_name, self.noise_scheduler, self.sampling_steps)
+        if self.conditional and class_labels is None:
+            class_labels = self.eval_labels(n)
         with self._ema_weights():
-            return sample_images(self.model, sampler, n, generator)
+            return sample_images(
+                self.model, sampler, n, generator, class_labels=class_labels,
+                guidance_scale=guidance_scale,
+            )  # fmt: skip
+
+    def eval_labels(self, n: int) -> Tensor:
+        """The classes of `n` evaluation samples: 0, 1, ..., 9, 0, 1, ... (equal shares)."""
+        return torch.arange(n, device=self.data.train.device) % N_CLASSES
 
     @contextmanager
     def _ema_weights(self) -> Iterator[None]:
@@ -236,30 +305,65 @@ class DDPMTask(Task):
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Samples from the EMA weights (same seed each time, so evaluations are comparable),
-        scored against held-out digits when the data are digits."""
-        generator = torch.Generator(device=self.data.train.device).manual_seed(self.seed + 1)
-        self._last_samples = self.sample(self.eval_samples, generator)
+        scored against held-out digits when the data are digits. A class-conditional task
+        draws equal shares of every class at each guidance scale: the quality metrics are the
+        first scale's, and `class_match_g<scale>` is the share the classifier assigns to the
+        class asked for."""
+        device = self.data.train.device
+        generator = torch.Generator(device=device).manual_seed(self.seed + 1)
+        scales = self.guidance_scales if self.conditional else [1.0]
+        self._last_samples = self.sample(self.eval_samples, generator, None, scales[0])
         if self.quality is None:
             return {}
-        return self.quality(self._last_samples)
+        metrics = self.quality(self._last_samples)
+        if self.conditional:
+            labels = self.eval_labels(self.eval_samples)
+            for key, scale in zip(self._match_keys(), scales, strict=True):
+                if scale == scales[0]:
+                    samples = self._last_samples
+                else:
+                    generator = torch.Generator(device=device).manual_seed(self.seed + 1)
+                    samples = self.sample(self.eval_samples, generator, labels, scale)
+                metrics[key] = self.quality.class_match(samples, labels)
+        return metrics
 
     def images(self, step: int) -> dict[str, np.ndarray]:
-        """The first `grid_samples` of the last evaluation as a grid, also saved as
-        samples/step_XXXXXX.png in the run directory."""
+        """The first `grid_samples` of the last evaluation as a grid (a class-conditional
+        task's: one column per class), also saved as samples/step_XXXXXX.png in the run
+        directory."""
         if self._last_samples is None:
             generator = torch.Generator(device=self.data.train.device).manual_seed(self.seed + 1)
-            self._last_samples = self.sample(self.grid_samples, generator)
-        grid = image_grid(self._last_samples[: self.grid_samples])
+            scale = self.guidance_scales[0] if self.conditional else 1.0
+            self._last_samples = self.sample(self.grid_samples, generator, None, scale)
+        nrow = N_CLASSES if self.conditional else 8
+        grid = image_grid(self._last_samples[: self.grid_samples], nrow=nrow)
         if self.run_dir is not None:
             save_grid(self.run_dir / "samples" / f"step_{step:06d}.png", grid)
         return {"samples": grid}
 
-    def state_dict(self) -> dict[str, Any]:
-        """The UNet's weights, the EMA weights as a UNet state dict (what sample.py loads), and
-        the EMA's own state (to resume)."""
+    def ema_unet_state(self) -> dict[str, Tensor]:
+        """The EMA weights as a state dict of the UNet (contiguous CPU copies)."""
         with self._ema_weights():
-            ema_unet = {k: v.clone() for k, v in self.model.state_dict().items()}
-        return {"unet": self.model.state_dict(), "ema_unet": ema_unet, "ema": self.ema.state_dict()}
+            return {
+                k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                for k, v in self.model.state_dict().items()
+            }
+
+    def export(self, folder: Path) -> None:
+        """The EMA UNet and the noise schedule as a diffusers `DDPMPipeline` folder
+        (`diffusion.pipeline`), loadable by `DDPMPipeline.from_pretrained(folder)`."""
+        with torch.device("meta"):  # no initialisation: it would draw from torch's stream
+            unet = UNet2DModel.from_config(self.model.config)
+        unet.load_state_dict(self.ema_unet_state(), assign=True)
+        save_pipeline(folder, unet, pipeline_scheduler(self.noise_scheduler))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The UNet's weights, the EMA weights as a UNet state dict, and the EMA's own state
+        (to resume)."""
+        return {
+            "unet": self.model.state_dict(), "ema_unet": self.ema_unet_state(),
+            "ema": self.ema.state_dict(),
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the UNet's weights and the EMA's state (its shadow weights and step count;

@@ -60,39 +60,78 @@ def test_train_logs_metrics_images_and_checkpoint(run_dir):
     assert lrs[-1] < max(lrs)  # warm-up, then the cosine decay
 
 
-def test_sample_writes_a_grid_from_the_checkpoint(run_dir, tmp_path):
-    out = tmp_path / "grid.png"
-    done = _run("sample.py", f"run_dir={run_dir}", "n=12", "nrow=4", "steps=3", f"out={out}")
+def test_train_writes_a_pipeline_beside_each_kept_checkpoint_and_at_the_end(run_dir):
+    folders = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert folders == ["pipeline_0000020"]  # checkpoint_every defaults to the run's end
+    for folder in (run_dir / "pipeline", run_dir / "checkpoints" / folders[0]):
+        assert json.loads((folder / "model_index.json").read_text())["_class_name"] == (
+            "DDPMPipeline"
+        )
+        assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        assert scheduler["beta_schedule"] == "squaredcos_cap_v2"
+        assert scheduler["timestep_spacing"] == "trailing"
+
+
+@pytest.mark.parametrize("source", ["run", "pipeline"])
+def test_sample_writes_a_grid_and_pngs(run_dir, tmp_path, source):
+    out, pngs = tmp_path / "grid.png", tmp_path / "pngs"
+    path = run_dir if source == "run" else run_dir / "pipeline"
+    done = _run(
+        "sample.py", str(path), "-n", "12", "--nrow", "4", "--scheduler", "ddim", "--steps", "3",
+        "--out", str(out), "--png-dir", str(pngs),
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"wrote {out}"
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith(f"12 images from {run_dir / 'pipeline'} with ddim in 3 steps: ")
+    assert lines[1] == f"wrote {out}"
     width, height = Image.open(out).size
     assert (width, height) == ((4 * 9 + 1) * 4, (3 * 9 + 1) * 4)  # 8x8 tiles, 1-pixel gaps, x4
+    assert sorted(p.name for p in pngs.iterdir()) == [f"{i:06d}.png" for i in range(12)]
+    assert Image.open(pngs / "000000.png").size == (8, 8)
+
+
+def test_sample_help_lists_the_schedulers():
+    done = _run("sample.py", "--help")
+    assert done.returncode == 0
+    assert "{ddpm,ddim,dpmsolver++}" in done.stdout and "--guidance" in done.stdout
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run_dir=/nonexistent/run"], "error: No run directory at /nonexistent/run"),
-        (["n=3"], "error: Missing run_dir=DIR (a run directory of `train.py task=ddpm`)"),
+        (["/nonexistent/run"], "error: No such pipeline folder or run directory: /nonexistent/run"),
         (
-            ["run_dir=.", "colour=red"],
-            "error: Invalid argument: 'colour=red'; expected key=value with key in "
-            "run_dir, n, scheduler, steps, seed, ema, out, nrow, threads",
+            ["RUN", "--scheduler", "euler"],
+            "error: argument --scheduler: invalid choice: 'euler' (choose from 'ddpm', 'ddim', "
+            "'dpmsolver++') (see --help)",
+        ),
+        (["RUN", "--steps", "0"], "error: argument --steps: 0 is not an int >= 1 (see --help)"),
+        (["RUN", "--steps", "1001"], "error: Invalid --steps: 1001; expected an int in [1, 1000]"),
+        (
+            ["RUN", "--class-labels", "3"],
+            "error: This pipeline is unconditional: drop --class-labels and --guidance (they "
+            "need a pipeline of a `task.conditional=true` run)",
+        ),
+        (
+            ["RUN", "--guidance", "-1"],
+            "error: argument --guidance: '-1' is not a float >= 0 (see --help)",
         ),
     ],
 )
-def test_sample_errors_are_one_line_and_exit_code_2(args, message):
-    done = _run("sample.py", *args)
+def test_sample_errors_are_one_line_and_exit_code_2(run_dir, args, message):
+    done = _run("sample.py", *[str(run_dir) if a == "RUN" else a for a in args])
     assert done.returncode == 2
     assert done.stderr.strip() == message
 
 
-def test_sample_without_checkpoint(tmp_path):
-    done = _run("sample.py", f"run_dir={tmp_path}")
+def test_sample_refuses_a_folder_without_a_pipeline(tmp_path):
+    done = _run("sample.py", str(tmp_path))
     assert done.returncode == 2
-    assert (
-        done.stderr.strip()
-        == f"error: No checkpoint in {tmp_path / 'checkpoints'} (has the run written one yet?)"
+    assert done.stderr.strip() == (
+        f"error: {tmp_path} is not a diffusers pipeline folder (no model_index.json) nor a DDPM "
+        "run directory holding one; pass <run_dir>/pipeline or the run directory of `train.py "
+        "task=ddpm`"
     )
 
 

@@ -87,7 +87,12 @@ def test_evaluation_scores_ema_samples_and_saves_the_grid(tmp_path, classifier_c
         (
             "task.sampling.scheduler=pndm",
             ValueError,
-            "Unknown task.sampling.scheduler: 'pndm'; valid: ddpm, ddim",
+            "Unknown task.sampling.scheduler: 'pndm'; valid: ddpm, ddim, dpmsolver++",
+        ),
+        (
+            "task.sampling.guidance_scales=[1.0,-2.0]",
+            ValueError,
+            "Invalid task.sampling.guidance_scales[1]: -2; expected a float >= 0",
         ),
         (
             "data.resolution=7",
@@ -125,3 +130,74 @@ def test_folder_data_trains_and_evaluates_without_classifier_metrics(tmp_path, c
     assert task.model.conv_in.weight.grad.shape[1] == 3  # RGB in
     assert task.evaluate(1) == {}
     assert task.images(1)["samples"].shape == ((9 + 1) * 4, (4 * 9 + 1) * 4, 3)  # one row of 4
+
+
+class _LabelSpy(torch.nn.Module):
+    """Calls the UNet and records the class labels it was given."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.labels = unet, []
+
+    def forward(self, x, t, class_labels=None):
+        self.labels.append(class_labels)
+        return self.unet(x, t, class_labels=class_labels)
+
+
+def test_conditional_training_drops_a_share_of_the_labels(tmp_path, classifier_cache):
+    cfg = _cfg(classifier_cache, "task.conditional=true", "task.label_dropout=0.25",
+               "task.batch_size=4000")  # fmt: skip
+    task = DDPMTask.from_config(cfg, tmp_path)
+    assert task.model.config.num_class_embeds == 11
+    spy = _LabelSpy(task.model)
+    loss, _ = task.loss(1, spy)
+    loss.backward()
+    (labels,) = spy.labels
+    dropped = float((labels == 10).double().mean())
+    assert abs(dropped - 0.25) < 4 * (0.25 * 0.75 / 4000) ** 0.5  # binomial, 4 sigma
+    # The labels kept are the digits' own: every digit class appears in its real share.
+    kept = labels[labels != 10]
+    shares = torch.bincount(kept, minlength=10).double() / len(kept)
+    real = torch.bincount(task.data.labels, minlength=10).double() / len(task.data.labels)
+    assert (shares - real).abs().max() < 0.03
+    assert task.model.class_embedding.weight.grad is not None
+
+
+def test_conditional_labels_come_with_their_images(classifier_cache):
+    from diffusion.data import BatchSampler
+
+    images = torch.arange(6.0).view(6, 1, 1, 1)
+    labels = torch.tensor([10, 11, 12, 13, 14, 15])
+    batches = BatchSampler(images, 50, torch.Generator().manual_seed(0), labels)
+    x, y = batches.labeled()
+    assert torch.equal(x.view(-1).long() + 10, y)
+
+
+def test_conditional_evaluation_reports_the_class_match_at_each_guidance(
+    tmp_path, classifier_cache
+):
+    cfg = _cfg(classifier_cache, "task.conditional=true", "task.sampling.guidance_scales=[1,2.5]")
+    task = DDPMTask.from_config(cfg, tmp_path)
+    metrics = task.evaluate(1)
+    assert {"fd_ratio", "class_match_g1", "class_match_g2p5"} <= set(metrics)
+    assert task.summary_keys[-3:] == ("class_match_g1", "class_match_g2p5", "images_per_sec")
+    # Independently: the classifier's argmax on the first scale's samples, against 0..9, 0..9...
+    asked = torch.arange(HELDOUT) % 10
+    predicted = task.quality.classifier(task._last_samples).argmax(1)
+    assert metrics["class_match_g1"] == pytest.approx(float((predicted == asked).double().mean()))
+    assert 0 <= metrics["class_match_g2p5"] <= 1
+
+
+def test_conditional_needs_labelled_data(tmp_path, classifier_cache):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (8, 8), 100).save(folder / "a.png")
+    cfg = _cfg(classifier_cache, "data=folder", f"data.path={folder}", "task.conditional=true")
+    message = (
+        "task.conditional=true needs labelled images, and data=folder has no labels; use "
+        "data=digits or task.conditional=false"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        DDPMTask.from_config(cfg, tmp_path)

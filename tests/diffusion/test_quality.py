@@ -85,3 +85,13 @@ def test_metrics_on_the_device_match_the_cpu(classifier_cache, quality, device):
         expected, got = metrics(samples), on_device(samples.to(device))
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_class_match_is_the_classifiers_accuracy_on_the_labels_asked(quality):
+    metrics, _, _ = quality
+    train, labels, _, _ = load_digits_split(HELDOUT, seed=0)
+    images, asked = train[:300], labels[:300]
+    accuracy = float((metrics.classifier(images).argmax(1) == asked).double().mean())
+    assert metrics.class_match(images, asked) == pytest.approx(accuracy)
+    assert accuracy > 0.95  # the training split: the classifier knows these digits
+    assert metrics.class_match(images, (asked + 1) % 10) < 0.05  # every label wrong

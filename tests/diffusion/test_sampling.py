@@ -8,9 +8,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
-from diffusion.sampling import build_sampler, image_grid, sample_images, save_grid
+from diffusion import sampling
+from diffusion.config import SAMPLERS
+from diffusion.sampling import build_sampler, image_grid, null_label, sample_images, save_grid
+
+KINDS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +27,13 @@ def unet():
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "steps"), [("ddim", 5), ("ddpm", 10)])
+@pytest.mark.parametrize(("name", "steps"), [("ddim", 5), ("ddpm", 10), ("dpmsolver++", 6)])
 def test_samples_have_the_right_shape_range_and_seed(unet, name, steps):
-    train = DDPMScheduler(num_train_timesteps=100)
+    train = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
     sampler = build_sampler(name, train, steps)
-    assert isinstance(sampler, DDIMScheduler if name == "ddim" else DDPMScheduler)
-    assert len(sampler.timesteps) == steps
+    assert type(sampler) is KINDS[name]
+    assert sampler.config.beta_schedule == "squaredcos_cap_v2"  # the training schedule
+    assert len(sampler.timesteps) == steps and int(sampler.timesteps[0]) == 99  # trailing
     first = sample_images(unet, sampler, 7, torch.Generator().manual_seed(0), batch_size=4)
     again = sample_images(unet, sampler, 7, torch.Generator().manual_seed(0), batch_size=4)
     assert first.shape == (7, 1, 8, 8)
@@ -39,7 +44,7 @@ def test_samples_have_the_right_shape_range_and_seed(unet, name, steps):
 
 def test_unknown_sampler_and_bad_steps():
     train = DDPMScheduler(num_train_timesteps=100)
-    message = "Unknown task.sampling.scheduler: 'euler'; valid: ddpm, ddim"
+    message = "Unknown task.sampling.scheduler: 'euler'; valid: ddpm, ddim, dpmsolver++"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         build_sampler("euler", train, 10)
     with pytest.raises(
@@ -59,7 +64,73 @@ def test_grid_layout_and_png(tmp_path):
     assert path.is_file()
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_the_sampler_names_are_the_configs():
+    assert tuple(sampling._SCHEDULERS) == SAMPLERS
+
+
+def test_dpm_solver_is_dpm_solver_plus_plus():
+    sampler = build_sampler("dpmsolver++", DDPMScheduler(num_train_timesteps=100), 5)
+    assert sampler.config.algorithm_type == "dpmsolver++" and sampler.config.solver_order == 2
+
+
+@pytest.fixture(scope="module")
+def conditional_unet():
+    torch.manual_seed(1)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, add_attention=False,
+        num_class_embeds=11,
+    )  # fmt: skip
+
+
+def _guided_reference(model, scheduler, n, seed, labels, scale):
+    """Classifier-free guidance written out: two separate passes per step, combined as
+    ε_u + w (ε_c − ε_u) (diffusers' convention; w = 1 is the conditional model)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, 1, 8, 8), generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            conditional = model(x, t, class_labels=labels).sample
+            free = model(x, t, class_labels=torch.full_like(labels, 10)).sample
+            epsilon = free + scale * (conditional - free)
+            x = scheduler.step(epsilon, t, x, generator=generator).prev_sample
+    return x.clamp(-1, 1)
+
+
+@pytest.mark.parametrize(("name", "scale"), [("ddpm", 3.0), ("ddpm", 1.0), ("ddim", 0.0)])
+def test_classifier_free_guidance_matches_two_separate_passes(conditional_unet, name, scale):
+    model = conditional_unet.eval()
+    labels = torch.tensor([0, 3, 9, 3, 5])
+    assert null_label(model) == 10
+    sampler = build_sampler(name, DDPMScheduler(num_train_timesteps=100), 4)
+    ours = sample_images(
+        model, sampler, 5, torch.Generator().manual_seed(2), class_labels=labels,
+        guidance_scale=scale,
+    )  # fmt: skip
+    sampler = build_sampler(name, DDPMScheduler(num_train_timesteps=100), 4)
+    expected = _guided_reference(model, sampler, 5, 2, labels, scale)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    different = sample_images(
+        model, sampler, 5, torch.Generator().manual_seed(2), class_labels=labels.flip(0),
+        guidance_scale=scale,
+    )  # fmt: skip
+    assert scale == 0.0 or not torch.allclose(different, ours)  # the labels matter
+
+
+def test_guidance_and_labels_are_checked(conditional_unet, unet):
+    sampler = build_sampler("ddim", DDPMScheduler(num_train_timesteps=100), 2)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=re.escape("Invalid guidance scale: -1.0; expected")):
+        sample_images(conditional_unet, sampler, 2, g, class_labels=torch.zeros(2, dtype=int),
+                      guidance_scale=-1.0)  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("Expected class_labels of shape (3,)")):
+        sample_images(conditional_unet, sampler, 3, g, class_labels=torch.zeros(2, dtype=int))
+    with pytest.raises(ValueError, match=r"^This UNet is unconditional: it takes no class labels$"):
+        null_label(unet)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_sampling_runs_on_the_model_device_and_is_seeded(unet, name, device):
     model = copy.deepcopy(unet).to(device)
     sampler = build_sampler(name, DDPMScheduler(num_train_timesteps=100), 4)

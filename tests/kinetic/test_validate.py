@@ -101,7 +101,7 @@ BAD_INPUTS = [
     ),
     (
         [DDPM, "task.sampling.scheduler=euler"],
-        "Unknown task.sampling.scheduler: 'euler'; valid: ddpm, ddim",
+        "Unknown task.sampling.scheduler: 'euler'; valid: ddpm, ddim, dpmsolver++",
     ),
     (
         [DDPM, "task.beta_schedule=cubic"],
