@@ -226,7 +226,7 @@ register_task(
     schema=DDPMTaskConfig,
     groups={"data": DataConfig, "model": None},
     validate=validate,
-    identity=("data", "model", "task.conditional"),
+    identity=("data", "model"),  # task.conditional: DDPMTask.load_state_dict refuses it
     identity_ignore=("data.heldout_size",),
     hparams=("model", "data", "task.batch_size"),
     run_name=run_name,

@@ -30,7 +30,7 @@ from diffusion.pipeline import pipeline_scheduler, save_pipeline
 from diffusion.quality import N_CLASSES, DigitQuality, cached_classifier
 from diffusion.sampling import build_sampler, image_grid, null_label, sample_images, save_grid
 from kinetic import distributed
-from kinetic.checkpoint import check_state_shapes
+from kinetic.checkpoint import CheckpointError, check_state_shapes
 from kinetic.config import TrainConfig
 from kinetic.device import resolve_device
 from kinetic.errors import ConfigError
@@ -367,7 +367,16 @@ class DDPMTask(Task):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the UNet's weights and the EMA's state (its shadow weights and step count;
-        `ema_unet` is derived from them); a UNet of another shape is refused by name."""
+        `ema_unet` is derived from them); a UNet of another shape is refused by name, and a
+        checkpoint of the other kind (class-conditional or not) in words."""
+        saved_conditional = "class_embedding.weight" in state["unet"]
+        if saved_conditional != self.conditional:
+            kinds = ("an unconditional", "a class-conditional")
+            raise CheckpointError(
+                f"The checkpoint is of {kinds[saved_conditional]} DDPM and this run is "
+                f"{kinds[self.conditional]} one; resume it with "
+                f"task.conditional={str(saved_conditional).lower()}"
+            )
         check_state_shapes(state["unet"], self.model.state_dict(), "UNet")
         self.model.load_state_dict(state["unet"])
         self.ema.load_state_dict(state["ema"])

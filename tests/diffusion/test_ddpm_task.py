@@ -201,3 +201,19 @@ def test_conditional_needs_labelled_data(tmp_path, classifier_cache):
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         DDPMTask.from_config(cfg, tmp_path)
+
+
+def test_a_checkpoint_of_the_other_kind_is_refused_in_words(tmp_path, classifier_cache):
+    plain = DDPMTask.from_config(_cfg(classifier_cache, "task.quality=false"), None)
+    conditional = DDPMTask.from_config(
+        _cfg(classifier_cache, "task.quality=false", "task.conditional=true"), None
+    )
+    message = (
+        "The checkpoint is of an unconditional DDPM and this run is a class-conditional one; "
+        "resume it with task.conditional=false"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        conditional.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match=re.escape("resume it with task.conditional=true")):
+        plain.load_state_dict(conditional.state_dict())
+    conditional.load_state_dict(conditional.state_dict())  # its own kind loads

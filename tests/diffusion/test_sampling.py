@@ -109,8 +109,8 @@ def conditional_unet():
 def _guided_reference(model, scheduler, n, seed, labels, scale):
     """Classifier-free guidance written out: two separate passes per step, combined as
     ε_u + w (ε_c − ε_u) (diffusers' convention; w = 1 is the conditional model)."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, 1, 8, 8), generator=generator)
+    generator = torch.Generator(labels.device).manual_seed(seed)
+    x = torch.randn((n, 1, 8, 8), generator=generator, device=labels.device)
     with torch.no_grad():
         for t in scheduler.timesteps:
             conditional = model(x, t, class_labels=labels).sample
@@ -121,20 +121,22 @@ def _guided_reference(model, scheduler, n, seed, labels, scale):
 
 
 @pytest.mark.parametrize(("name", "scale"), [("ddpm", 3.0), ("ddpm", 1.0), ("ddim", 0.0)])
-def test_classifier_free_guidance_matches_two_separate_passes(conditional_unet, name, scale):
-    model = conditional_unet.eval()
-    labels = torch.tensor([0, 3, 9, 3, 5])
+def test_classifier_free_guidance_matches_two_separate_passes(
+    conditional_unet, name, scale, device
+):
+    model = copy.deepcopy(conditional_unet).to(device).eval()
+    labels = torch.tensor([0, 3, 9, 3, 5], device=device)
     assert null_label(model) == 10
     sampler = build_sampler(name, DDPMScheduler(num_train_timesteps=100), 4)
     ours = sample_images(
-        model, sampler, 5, torch.Generator().manual_seed(2), class_labels=labels,
+        model, sampler, 5, torch.Generator(device).manual_seed(2), class_labels=labels,
         guidance_scale=scale,
     )  # fmt: skip
     sampler = build_sampler(name, DDPMScheduler(num_train_timesteps=100), 4)
     expected = _guided_reference(model, sampler, 5, 2, labels, scale)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     different = sample_images(
-        model, sampler, 5, torch.Generator().manual_seed(2), class_labels=labels.flip(0),
+        model, sampler, 5, torch.Generator(device).manual_seed(2), class_labels=labels.flip(0),
         guidance_scale=scale,
     )  # fmt: skip
     assert scale == 0.0 or not torch.allclose(different, ours)  # the labels matter
