@@ -412,7 +412,8 @@ def train(
 
     With a run directory (`logger.run_dir`), checkpoints go to its checkpoints/ folder (the
     last `config.keep_checkpoints`): every `config.checkpoint_every` steps, after the last step,
-    and when `stop` asks for one.
+    and when `stop` asks for one. A task with an `export_name` also has its `export` written
+    beside each checkpoint and, after the last step, to <run_dir>/<export_name>/.
 
     A step whose loss or gradients are not finite is skipped when the guard is on: no optimizer
     step, no schedule step, no `after_step`, no callbacks, and the step number does not
