@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from kinetic.stability.monitors import MonitorConfig
 from kinetic.validate import validate_train
@@ -127,9 +127,13 @@ class KineticConfig:
 
 def register_schemas() -> None:
     """Store the root schema in Hydra's ConfigStore as `kinetic_schema` (configs/config.yaml
-    lists it first). Runs when kinetic is imported, before any composition; each task stores
-    its own schema when it registers."""
+    lists it first), and the `kinetic.min` resolver presets use for values bounded by others
+    (`warmup_steps: ${kinetic.min:200,${train.steps}}`: a 200-step warm-up, cut to a shorter
+    run's length). Runs when kinetic is imported, before any composition; each task stores its
+    own schema when it registers."""
     ConfigStore.instance().store(name="kinetic_schema", node=KineticConfig)
+    if not OmegaConf.has_resolver("kinetic.min"):
+        OmegaConf.register_new_resolver("kinetic.min", lambda *values: min(values))
 
 
 register_schemas()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,38 @@ def test_sample_refuses_a_folder_without_a_pipeline(tmp_path):
         "run directory holding one; pass <run_dir>/pipeline or the run directory of `train.py "
         "task=ddpm`"
     )
+
+
+def test_a_short_bf16_run_on_the_cpu_finishes_with_finite_metrics(tmp_path, classifier_cache):
+    """The preset's 200-step warm-up is cut to a shorter run, bf16 autocast trains on the CPU,
+    and a CPU without bf16 instructions is told so in one warning line."""
+    from kinetic.precision import cpu_has_bf16
+
+    run = tmp_path / "run"
+    done = _run(
+        "train.py", "task=ddpm", "model=unet_tiny", "data.heldout_size=300", "device=cpu",
+        "precision=bf16", "train.steps=20", "train.eval_every=20", "task.sampling.steps=3",
+        "threads=1", "logging.progress=false", f"task.cache_dir={classifier_cache}",
+        f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert all(math.isfinite(metrics[k]) for k in ("loss", "fd", "fd_ratio", "confidence"))
+    assert "warmup_steps: 20\n" in (run / ".hydra" / "config.yaml").read_text()
+    warned = "warning: precision=bf16 on this CPU (no AVX512-BF16 or AMX) is emulated"
+    assert (warned in done.stderr) == (not cpu_has_bf16())
+
+
+def test_the_ddpm_preset_warms_up_200_steps_at_its_own_length():
+    from hydra import compose, initialize_config_dir
+
+    import diffusion.config  # noqa: F401  (registers task=ddpm's schemas)
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        assert compose("config", ["task=ddpm"]).train.warmup_steps == 200
+        assert compose("config", ["task=ddpm", "train.steps=50"]).train.warmup_steps == 50
+        explicit = ["task=ddpm", "train.steps=50", "train.warmup_steps=80"]
+        assert compose("config", explicit).train.warmup_steps == 80  # refused before a run
 
 
 def test_train_data_error_is_one_line(tmp_path):

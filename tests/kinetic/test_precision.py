@@ -3,6 +3,7 @@ guard treats the steps the gradient scaler skips."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -272,3 +273,33 @@ def test_the_loop_autocasts_the_loss_in_bf16():
     train(task, optimizer, TrainConfig(steps=3, eval_every=0), precision="bf16")
     assert seen == [True] * 3
     assert all(p.dtype == torch.float32 for p in task.model.parameters())
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_in_one_line(monkeypatch):
+    import kinetic.precision as precision_module
+
+    monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: False)
+    assert Precision("bf16", "cpu").warning() == (
+        "precision=bf16 on this CPU (no AVX512-BF16 or AMX) is emulated: a DDPM step measured "
+        "18x slower than fp32; use precision=fp32"
+    )
+    assert Precision("fp32", "cpu").warning() is None
+    monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: True)
+    assert Precision("bf16", "cpu").warning() is None
+
+
+def test_bf16_detection_sees_an_instruction_set_without_bf16():
+    """oneDNN restricted to AVX2 (no AVX512-BF16, no AMX) has no native bf16, on any x86 CPU."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("ONEDNN_MAX_CPU_ISA=AVX2 restricts x86 CPUs only")
+    code = "from kinetic.precision import cpu_has_bf16; print(cpu_has_bf16())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
