@@ -50,6 +50,14 @@ def keep_measure(
     return s
 
 
+def measure_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the velocity measure's sums of squares accumulate in: float64 (float32 on MPS,
+    which lacks it). In float32 a sum of 65k near-equal squares (the "precond" measure, whose
+    terms are all ~1) drifts by ~1e-5 relative with the order of the additions, so a sharded
+    run, which sums in another order, would not take the unsharded step."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _adam_direction(m: Tensor, v: Tensor, step: Tensor, hyper: dict) -> Tensor:
     """Adam's step direction m_hat_t / (sqrt(v_hat_t) + eps) of one parameter, after step t."""
     # Bias corrections in float64 (float32 where the device lacks it), as the fused kernels.
@@ -95,8 +103,7 @@ def single_tensor_vradam(
                 source = direction
             else:
                 source = m if norm_source == "velocity" else grad
-            acc_dtype = torch.promote_types(source.dtype, torch.float32)
-            term = torch.linalg.vector_norm(source, dtype=acc_dtype).square()
+            term = torch.linalg.vector_norm(source, dtype=measure_dtype(source.device)).square()
             sq = term if sq is None else sq + term
         sums.append(sq)
     if lagged:
@@ -140,10 +147,11 @@ def _measure_norms(
     v_{t-1} and g_t; after it, they are read from the state.
     """
     beta1, beta2 = g.hyper["beta1"], g.hyper["beta2"]
+    dtype = measure_dtype(g.params[0].device)
     if velocity != "precond" and norm_source == "grad":
-        return list(torch._foreach_norm(g.grads))
+        return list(torch._foreach_norm(g.grads, dtype=dtype))
     if velocity != "precond" and moments_updated:
-        return list(torch._foreach_norm(g.exp_avgs))
+        return list(torch._foreach_norm(g.exp_avgs, dtype=dtype))
     if velocity == "precond":
         bias_correction1, bias_correction2_sqrt = _bias_corrections(g.state_steps, g.hyper)
     norms: list[Tensor] = []
@@ -157,7 +165,7 @@ def _measure_norms(
                 grads = torch._foreach_neg(grads)
             m_t = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
         if velocity != "precond":
-            norms.extend(torch._foreach_norm(m_t))
+            norms.extend(torch._foreach_norm(m_t, dtype=dtype))
             continue
         if moments_updated:
             denom = torch._foreach_sqrt(exp_avg_sqs)
@@ -169,12 +177,12 @@ def _measure_norms(
         torch._foreach_add_(denom, g.hyper["eps"])
         u = torch._foreach_div(m_t, denom)
         torch._foreach_div_(u, bias_correction1[a:b])
-        norms.extend(torch._foreach_norm(u))
+        norms.extend(torch._foreach_norm(u, dtype=dtype))
     return norms
 
 
 def _sum_sq(norms: list[Tensor]) -> Tensor:
-    """Sum of squares from per-tensor norms, accumulated in at least float32."""
+    """Sum of squares from per-tensor norms (`measure_dtype`), accumulated in at least float32."""
     stacked = torch.stack(norms)
     return stacked.to(torch.promote_types(stacked.dtype, torch.float32)).square().sum()
 

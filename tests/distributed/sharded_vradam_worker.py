@@ -36,11 +36,21 @@ CASES = [
 ]
 # The interpreted Triton kernels are slow: two cases cover both reductions and all code paths.
 CASES += [("triton", "sum", "global"), ("triton", "precond", "group")]
+# A model of 85k parameters, where a float32 sum of the "precond" measure's ~1-sized terms
+# drifts by ~1e-5 with the order of the additions (the shards add in another order).
+WIDE_CASES = [
+    (impl, "precond", norm) for impl in ("reference", "fused") for norm in ("global", "group")
+]
 
 
-def make_model() -> nn.Sequential:
-    """Three layers with odd widths, so that the shards of two ranks differ in size."""
+def make_model(wide: bool = False) -> nn.Sequential:
+    """Three layers with odd widths, so that the shards of two ranks differ in size; `wide`:
+    64 -> 256 -> 256 -> 9 with ReLUs (85k parameters)."""
     torch.manual_seed(0)
+    if wide:
+        return nn.Sequential(
+            nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 9)
+        )
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 3))
 
 
@@ -59,18 +69,21 @@ def shard(model: nn.Sequential) -> nn.Sequential:
     return model
 
 
-def run_case(impl: str, velocity: str, norm: str, rank: int, world: int) -> dict:
+def run_case(
+    impl: str, velocity: str, norm: str, rank: int, world: int, wide: bool = False
+) -> dict:
     options = dict(lr=1e-2, beta3=BETA3[velocity], velocity=velocity, norm=norm)
-    sharded = shard(make_model())
-    single = make_model()
+    sharded = shard(make_model(wide))
+    single = make_model(wide)
+    inputs, outputs = single[0].in_features, single[-1].out_features
     opt = VRAdam(param_groups(sharded), impl=impl, **options)
     ref = VRAdam(param_groups(single), impl="reference", **options)
     gen = torch.Generator().manual_seed(1)
     param_err = measure_err = eta_err = monitor_err = 0.0
     ratios, measures = [], []
-    for _ in range(STEPS):
-        x = torch.randn(GLOBAL_BATCH, 5, generator=gen)
-        y = torch.randn(GLOBAL_BATCH, 3, generator=gen)
+    for _ in range(10 if wide else STEPS):
+        x = torch.randn(GLOBAL_BATCH, inputs, generator=gen)
+        y = torch.randn(GLOBAL_BATCH, outputs, generator=gen)
         mine = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         for model, optimizer, xb, yb in ((sharded, opt, x[mine], y[mine]), (single, ref, x, y)):
             optimizer.zero_grad()
@@ -133,6 +146,10 @@ def main() -> None:
             results["cases"][key] = "skipped: triton needs TRITON_INTERPRET=1 on CPU"
             continue
         results["cases"][key] = run_case(impl, velocity, norm, rank, world)
+    for impl, velocity, norm in WIDE_CASES:
+        results["cases"][f"wide-{impl}-{velocity}-{norm}"] = run_case(
+            impl, velocity, norm, rank, world, wide=True
+        )
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(results))
     distributed.shutdown()
 

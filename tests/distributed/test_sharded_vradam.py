@@ -4,7 +4,10 @@ One torchrun launch runs every case (sharded_vradam_worker.py); the tests read i
 The single-process VRAdam (impl="reference", itself checked against the paper's update in
 tests/optim) is the answer; without the all-reduce of the velocity measure the parameters
 differ by about 1e-2 after 20 steps and the measure by 35-50 % (the shards hold 84 and 60 of
-the 144 elements), so 1e-6 separates a correct reduction from a missing or doubled one.
+the 144 elements), so 1e-6 separates a correct reduction from a missing or doubled one. The
+"wide" cases (85k parameters) hold the "precond" measure to the same 1e-6: its ~1-sized terms,
+summed in float32, drifted by ~1e-5 with the order of the additions, which differs between the
+shards and the whole model; the kernels now sum the measure in float64.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from pathlib import Path
 
 import pytest
 from conftest import torchrun
-from sharded_vradam_worker import CASES
+from sharded_vradam_worker import CASES, WIDE_CASES
 
 from optim import vradam_triton
 
 WORKER = Path(__file__).with_name("sharded_vradam_worker.py")
 TOL = 1e-6
+WIDE_PARAM_TOL = 1e-5
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +33,9 @@ def ranks(tmp_path_factory) -> list[dict]:
     return torchrun(WORKER, tmp_path_factory.mktemp("sharded"), timeout_s=400, **interpret)
 
 
-@pytest.mark.parametrize("case", ["-".join(c) for c in CASES])
+@pytest.mark.parametrize(
+    "case", ["-".join(c) for c in CASES] + ["-".join(("wide", *c)) for c in WIDE_CASES]
+)
 def test_sharded_matches_single_process(case: str, ranks: list[dict]) -> None:
     results = [r["cases"][case] for r in ranks]
     if isinstance(results[0], str):
@@ -37,7 +43,10 @@ def test_sharded_matches_single_process(case: str, ranks: list[dict]) -> None:
     for r in results:
         assert r["local_numel"] < r["global_numel"]  # really sharded
         assert r["plain_outputs"]  # eta_t and s_t are plain tensors, not DTensors
-        assert r["param_err"] < TOL, r
+        # The wide model's weights (~0.1) come from a different gradient rounding (each rank's
+        # half batch, averaged by FSDP) and, for impl="fused", torch's fused AdamW against the
+        # reference loop: float32 rounding, a few ulp per step. The measure must stay at 1e-6.
+        assert r["param_err"] < (WIDE_PARAM_TOL if case.startswith("wide") else TOL), r
         assert r["measure_rel_err"] < TOL, r
         assert r["eta_err"] < TOL, r
         assert r["monitor_err"] < TOL, r
