@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from optim.adam_state import init_adam_state
-from optim.template import evaluate_closure, gather, hyperparameters
+from optim.template import gather, hyperparameters, step_groups
 from optim.validation import ConfigError, check_betas, check_bool, check_float, check_lr
 
 __all__ = ["SGDP", "AdamP", "adamp", "project_radial", "sgdp"]
@@ -82,13 +82,13 @@ class _Projected(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
-        loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            lists = self._init_group(group)
-            projected = self._functional(lists, group)
-            for state, flag in zip(lists["states"], projected, strict=True):
-                state["projected"] = flag  # 0-dim bool: was this update projected?
-        return loss
+        return step_groups(self, closure, self._step_group)
+
+    def _step_group(self, group: dict) -> None:
+        lists = self._init_group(group)
+        projected = self._functional(lists, group)
+        for state, flag in zip(lists["states"], projected, strict=True):
+            state["projected"] = flag  # 0-dim bool: was this update projected?
 
     def _init_group(self, group: dict) -> dict[str, list]:
         raise NotImplementedError

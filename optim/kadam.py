@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from optim.adam_state import init_adam_state
-from optim.template import evaluate_closure, gather, hyperparameters
+from optim.template import gather, hyperparameters, step_groups
 from optim.validation import check_adam, check_int
 
 __all__ = ["KAdam", "is_stable", "kadam"]
@@ -121,18 +121,18 @@ class KAdam(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
-        loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            lists = self._init_group(group)
-            kadam(
-                lists["params"],
-                lists["grads"],
-                lists["exp_avgs"],
-                lists["exp_avg_sqs"],
-                lists["state_steps"],
-                **hyperparameters(group, ("lr", "betas", "eps", "weight_decay", "maximize")),
-            )
-        return loss
+        return step_groups(self, closure, self._step_group)
+
+    def _step_group(self, group: dict) -> None:
+        lists = self._init_group(group)
+        kadam(
+            lists["params"],
+            lists["grads"],
+            lists["exp_avgs"],
+            lists["exp_avg_sqs"],
+            lists["state_steps"],
+            **hyperparameters(group, ("lr", "betas", "eps", "weight_decay", "maximize")),
+        )
 
 
 def kadam(

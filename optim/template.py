@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["evaluate_closure", "gradients"]
+__all__ = ["evaluate_closure", "gradients", "step_groups"]
 
 
 def evaluate_closure(closure: Callable[[], float] | None) -> float | None:
@@ -23,6 +23,19 @@ def evaluate_closure(closure: Callable[[], float] | None) -> float | None:
         return None
     with torch.enable_grad():
         return closure()
+
+
+def step_groups(
+    optimizer: torch.optim.Optimizer,
+    closure: Callable[[], float] | None,
+    step_group: Callable[[dict], None],
+) -> float | None:
+    """The body of a ``step()``: the closure's loss, then ``step_group(group)`` for each param
+    group (gathering its tensors and calling the functional); returns the loss."""
+    loss = evaluate_closure(closure)
+    for group in optimizer.param_groups:
+        step_group(group)
+    return loss
 
 
 def gradients(optimizer: torch.optim.Optimizer, group: dict) -> list[tuple[Tensor, dict]]:
