@@ -84,8 +84,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], Task]:
     spec = validate_config(cfg)
     with refused_arguments(""):  # an unavailable device or unknown precision: one line
         precision = Precision(cfg.precision, resolve_device(cfg.device))
-    if precision.warning() is not None:
-        _warn(precision.warning())
+    if (warning := precision.warning()) is not None:
+        _warn(warning)
     train_config = TrainConfig(**cfg.train).validate()
     with refused_arguments(""):
         monitor = MonitorConfig.from_dict(cfg.monitor)

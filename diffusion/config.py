@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "IMAGE_SUFFIXES",
     "LR_SCHEDULES",
+    "PIPELINE_DIR",
     "SAMPLERS",
     "DDPMTaskConfig",
     "DataConfig",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "folder")
+# A run's diffusers pipeline (DDPMTask's export): <run_dir>/pipeline/ and, beside each kept
+# checkpoint, checkpoints/pipeline_<step>/.
+PIPELINE_DIR = "pipeline"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # diffusion.sampling.build_sampler's
 # Steps per sampler when none are asked for (sample.py): DDPM's whole chain, and the step
@@ -231,5 +235,5 @@ register_task(
     hparams=("model", "data", "task.batch_size"),
     run_name=run_name,
     lr_schedules=LR_SCHEDULES,
-    outputs=("samples", "pipeline"),
+    outputs=("samples", PIPELINE_DIR),
 )

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from diffusion.config import PIPELINE_DIR
 from diffusion.sampling import sampling_options
-from kinetic.checkpoint import CHECKPOINT_DIR
+from kinetic.checkpoint import Checkpoints
 from kinetic.errors import ConfigError
 
 __all__ = ["PIPELINE_DIR", "find_pipeline", "load_pipeline", "pipeline_scheduler", "save_pipeline"]
 
-PIPELINE_DIR = "pipeline"  # in a run directory; checkpoints/pipeline_<step>/ beside checkpoints
 MODEL_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline
 
 
@@ -48,12 +48,9 @@ def save_pipeline(folder: str | Path, unet: UNet2DModel, scheduler: DDPMSchedule
 
 
 def _newest_checkpoint_pipeline(run_dir: Path) -> Path | None:
-    found = []
-    for path in (run_dir / CHECKPOINT_DIR).glob(f"{PIPELINE_DIR}_*"):
-        step = path.name.rpartition("_")[2]
-        if step.isdigit() and (path / MODEL_INDEX).is_file():
-            found.append((int(step), path))
-    return max(found)[1] if found else None
+    """The newest checkpoints/pipeline_<step>/ of a run that holds a pipeline, if any."""
+    exports = Checkpoints(run_dir, export_name=PIPELINE_DIR).export_paths()  # oldest first
+    return next((p for p in reversed(exports) if (p / MODEL_INDEX).is_file()), None)
 
 
 def find_pipeline(path: str | Path) -> Path:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from diffusion.config import (
     LR_SCHEDULES,
+    PIPELINE_DIR,
     EMAConfig,
     check_conditional,
     check_guidance_scales,
@@ -120,7 +121,7 @@ class DDPMTask(Task):
     progress_keys = ("fd_ratio",)
     summary_keys = ("loss", "fd", "fd_ratio", "confidence", "class_entropy", "images_per_sec")
     objective_key = "fd_ratio"
-    export_name = "pipeline"
+    export_name = PIPELINE_DIR
 
     def __init__(
         self,
