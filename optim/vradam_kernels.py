@@ -50,18 +50,19 @@ def keep_measure(
     return s
 
 
-def measure_dtype(device: torch.device) -> torch.dtype:
-    """The dtype the velocity measure's sums of squares accumulate in: float64 (float32 on MPS,
-    which lacks it). In float32 a sum of 65k near-equal squares (the "precond" measure, whose
-    terms are all ~1) drifts by ~1e-5 relative with the order of the additions, so a sharded
-    run, which sums in another order, would not take the unsharded step."""
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64, or float32 on MPS, which lacks it: the dtype of the bias corrections and of the
+    velocity measure's sums of squares. In float32 a sum of 65k near-equal squares (the
+    "precond" measure, whose terms are all ~1) drifts by ~1e-5 relative with the order of the
+    additions, so a sharded run, which sums in another order, would not take the unsharded
+    step."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _adam_direction(m: Tensor, v: Tensor, step: Tensor, hyper: dict) -> Tensor:
     """Adam's step direction m_hat_t / (sqrt(v_hat_t) + eps) of one parameter, after step t."""
     # Bias corrections in float64 (float32 where the device lacks it), as the fused kernels.
-    t = step.to(torch.float32 if m.device.type == "mps" else torch.float64)
+    t = step.to(wide_dtype(m.device))
     bias_correction1 = 1 - hyper["beta1"] ** t
     bias_correction2_sqrt = (1 - hyper["beta2"] ** t).sqrt()
     denom = (v.sqrt() / bias_correction2_sqrt).add_(hyper["eps"])
@@ -103,7 +104,7 @@ def single_tensor_vradam(
                 source = direction
             else:
                 source = m if norm_source == "velocity" else grad
-            term = torch.linalg.vector_norm(source, dtype=measure_dtype(source.device)).square()
+            term = torch.linalg.vector_norm(source, dtype=wide_dtype(source.device)).square()
             sq = term if sq is None else sq + term
         sums.append(sq)
     if lagged:
@@ -147,7 +148,7 @@ def _measure_norms(
     v_{t-1} and g_t; after it, they are read from the state.
     """
     beta1, beta2 = g.hyper["beta1"], g.hyper["beta2"]
-    dtype = measure_dtype(g.params[0].device)
+    dtype = wide_dtype(g.params[0].device)
     if velocity != "precond" and norm_source == "grad":
         return list(torch._foreach_norm(g.grads, dtype=dtype))
     if velocity != "precond" and moments_updated:
@@ -182,7 +183,7 @@ def _measure_norms(
 
 
 def _sum_sq(norms: list[Tensor]) -> Tensor:
-    """Sum of squares from per-tensor norms (`measure_dtype`), accumulated in at least float32."""
+    """Sum of squares from per-tensor norms (`wide_dtype`), accumulated in at least float32."""
     stacked = torch.stack(norms)
     return stacked.to(torch.promote_types(stacked.dtype, torch.float32)).square().sum()
 
